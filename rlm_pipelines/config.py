@@ -1,0 +1,72 @@
+"""Structured-config schemas: one dataclass per swappable part.
+
+They are plain dataclasses so they work three ways: built directly in code and tests, composed by Hydra
+from `conf/` (registered in the ConfigStore, so a wrong type or an unknown key fails at compose time), and
+passed across into Prefect as plain data (`dataclasses.asdict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ReplConfig:
+    """How the host drives one in-sandbox REPL server."""
+
+    # Per-cell wall-clock limit; at the limit the cell gets KeyboardInterrupt (namespace kept).
+    cell_timeout_s: float = 120.0
+    # After the interrupt, how long a cell may take to stop before the REPL process is killed (state lost).
+    kill_grace_s: float = 2.0
+    # Captured stdout and stderr are each cut to this many characters (head and tail kept, a marker says
+    # how much was cut). The cap is applied inside the sandbox, so a print loop cannot flood the host.
+    output_limit_chars: int = 100_000
+    # Host threads answering calls from sandbox code (llm_query, rlm_query, tools) concurrently.
+    host_workers: int = 64
+    # Seconds the server may take to start and say hello.
+    start_timeout_s: float = 30.0
+
+
+@dataclass
+class SandboxConfig:
+    """Where model-written code runs. `kind` picks the backend: `local` (bubblewrap) or `daytona`."""
+
+    kind: str = "local"
+    # local: `bwrap` (required), `none` (plain subprocess, NOT isolated), `auto` (bwrap, else `none` with a
+    # loud warning).
+    isolation: str = "auto"
+    # Network inside the sandbox. Off by default: model-written code is hostile until proven otherwise.
+    network: bool = False
+    # The sandbox starts with an empty environment plus these values (never the host's API keys) ...
+    env: dict[str, str] = field(default_factory=dict)
+    # ... plus these host variables copied by name, only when a task really needs them.
+    pass_env: list[str] = field(default_factory=list)
+    # rlimits for every process in the sandbox.
+    memory_mb: int = 2048  # address space per process
+    cpu_seconds: int = 3600  # CPU time per process
+    file_size_mb: int = 1024  # largest file a process may write
+    max_processes: int = 256  # processes and threads (contains fork bombs)
+    # Python inside the sandbox; null = the host interpreter (its install is bound read-only).
+    python: Optional[str] = None
+    # Host folder under which sandbox roots (workspace + private /tmp) are made; null = system temp dir.
+    root_dir: Optional[str] = None
+    repl: ReplConfig = field(default_factory=ReplConfig)
+
+
+@dataclass
+class ModelSpec:
+    """One language model, as litellm names it. Keys are never stored: only the NAME of the env var."""
+
+    model: str = "scripted/default"
+    api_key_env: Optional[str] = None
+    api_base: Optional[str] = None
+    temperature: float = 0.0
+    max_tokens: int = 4096
+    timeout_s: float = 120.0
+    num_retries: int = 3
+    # Prices for models litellm's bundled map lacks, in dollars per million tokens.
+    input_cost_per_mtok: Optional[float] = None
+    output_cost_per_mtok: Optional[float] = None
+    # Model for llm_query / llm_query_batched; null = the same model.
+    sub: Optional[dict[str, Any]] = None

@@ -1,0 +1,294 @@
+"""Host side of one in-sandbox REPL server.
+
+Lifecycle of a `ReplSession`:
+    1. created by `Sandbox.open_repl()`: the server process is started and has said hello
+    2. `register(tools, submit_fields, final)` and `set_vars(inputs)`: once per run, not per turn
+    3. `execute(code)`: many times; state persists across cells
+    4. `close()`: idempotent; the server process is gone afterwards
+
+Calls from sandbox code (`llm_query`, `rlm_query`, tools) are multiplexed by call id and answered from a
+bounded thread pool, so several sandbox threads can wait on the host at once. Nothing polls: a reader thread
+blocks on the transport and wakes exactly the waiter a message is for.
+
+Timeouts: at `cell_timeout_s` the cell is interrupted (KeyboardInterrupt inside, namespace kept); if it has
+not stopped `kill_grace_s` later the server is killed. The state is then lost, and the session says so: the
+killed cell's result explains it, and the next cell runs in a fresh server with the registered tools and the
+injected inputs restored and a notice at the top of its output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+from rlm_pipelines.config import ReplConfig
+from rlm_pipelines.repl.protocol import CellError, CellResult
+
+log = logging.getLogger(__name__)
+
+
+class ReplError(RuntimeError):
+    """The REPL server itself failed (could not start, broke the protocol). Terminal for that server."""
+
+
+class ReplDied(ReplError):
+    """The REPL server process exited; everything defined in it is lost."""
+
+
+class Transport(Protocol):
+    """A message pipe to one REPL server process (stdio pipes locally, HTTP for remote sandboxes)."""
+
+    def send(self, message: dict[str, Any]) -> None: ...
+
+    def messages(self) -> Iterator[dict[str, Any]]:
+        """Blocking iterator over messages from the server; ends when the server is gone."""
+        ...
+
+    def kill(self) -> None:
+        """Stop the server now (idempotent)."""
+        ...
+
+    def exit_info(self) -> str:
+        """Why the server is gone, for error messages (exit code, last stderr lines)."""
+        ...
+
+
+class _Connection:
+    """One live server: its transport, reader thread and the futures waiting on it."""
+
+    def __init__(self, transport: Transport, on_call: Callable[["_Connection", dict], None]):
+        self.transport = transport
+        self.on_call = on_call
+        self.waiting: dict[Any, Future] = {}
+        self.lock = threading.Lock()
+        self.hello: Future = Future()
+        self.dead = False
+        threading.Thread(target=self._read, name="repl-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for message in self.transport.messages():
+                kind = message.get("type")
+                if kind == "result":
+                    with self.lock:
+                        future = self.waiting.pop(message.get("id"), None)
+                    if future is not None:
+                        future.set_result(message)
+                elif kind == "call":
+                    self.on_call(self, message)
+                elif kind == "hello":
+                    self.hello.set_result(message)
+        except Exception as exc:  # a garbled channel is as fatal as a dead process
+            log.warning("REPL channel failed: %r", exc)
+        self._fail(ReplDied(f"the REPL process exited ({self.transport.exit_info()})"))
+
+    def _fail(self, error: Exception) -> None:
+        with self.lock:
+            self.dead = True
+            waiting, self.waiting = list(self.waiting.values()), {}
+        for future in waiting + [self.hello]:
+            if not future.done():
+                future.set_exception(error)
+
+    def request(self, message: dict[str, Any]) -> Future:
+        future: Future = Future()
+        with self.lock:
+            if self.dead:
+                future.set_exception(ReplDied(f"the REPL process exited ({self.transport.exit_info()})"))
+                return future
+            self.waiting[message["id"]] = future
+        self.transport.send(message)
+        return future
+
+    def kill(self) -> None:
+        self.transport.kill()
+        self._fail(ReplDied("the REPL process was killed"))
+
+
+class ReplSession:
+    def __init__(self, spawn: Callable[[], Transport], config: Optional[ReplConfig] = None):
+        self.config = config or ReplConfig()
+        self._spawn = spawn
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()  # one request at a time; calls from the sandbox do not take it
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_lock = threading.Lock()
+        self._tools: dict[str, Callable[..., Any]] = {}
+        self._registration: Optional[dict[str, Any]] = None
+        self._vars: dict[str, Any] = {}
+        self._lost: str = ""  # why the previous server died, told to the model once
+        self._closed = False
+        self._conn = self._connect()
+
+    # -- lifecycle
+
+    def _connect(self) -> _Connection:
+        conn = _Connection(self._spawn(), self._on_call)
+        try:
+            conn.hello.result(timeout=self.config.start_timeout_s)
+        except FutureTimeout:
+            conn.kill()
+            raise ReplError(f"the REPL server did not start within {self.config.start_timeout_s:g} s") from None
+        except ReplDied as exc:
+            raise ReplError(f"the REPL server failed to start: {exc}") from None
+        return conn
+
+    def _ensure_alive(self) -> None:
+        if self._closed:
+            raise ReplError("this REPL session is closed")
+        if not self._conn.dead:
+            return
+        self._conn.kill()  # reap the dead process and close its pipes
+        self._conn = self._connect()
+        if self._registration is not None:
+            self._command({**self._registration, "type": "register"})
+        if self._vars:
+            self._command({"type": "set_vars", "vars": self._vars})
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.transport.send({"type": "shutdown"})
+        except Exception:
+            pass
+        self._conn.kill()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "ReplSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and not self._conn.dead
+
+    # -- setup
+
+    def register(self, tools: dict[str, Callable[..., Any]], submit_fields: Optional[list[str]] = None,
+                 final: bool = False) -> None:
+        """Expose host functions to sandbox code by name, and the run-ending builtins."""
+        with self._lock:
+            self._tools = dict(tools)
+            self._registration = {
+                "tools": [_tool_spec(name, fn) for name, fn in self._tools.items()],
+                "submit_fields": list(submit_fields) if submit_fields is not None else None,
+                "final": final,
+            }
+            self._ensure_alive()
+            self._command({**self._registration, "type": "register"})
+
+    def set_vars(self, variables: dict[str, Any]) -> None:
+        """Inject JSON-compatible values as globals. Sent once; kept to restore them after a restart."""
+        with self._lock:
+            self._ensure_alive()
+            self._command({"type": "set_vars", "vars": variables})
+            self._vars.update(variables)
+
+    def _command(self, message: dict[str, Any]) -> dict[str, Any]:
+        message["id"] = next(self._ids)
+        reply = self._conn.request(message).result(timeout=self.config.start_timeout_s)
+        if reply.get("error"):
+            error = reply["error"]
+            raise ValueError(f"{message['type']} failed in the REPL: {error['type']}: {error['message']}")
+        return reply
+
+    # -- cells
+
+    def execute(self, code: str, timeout_s: Optional[float] = None) -> CellResult:
+        """Run one cell. The model's own errors come back in the result; ReplError only if the server cannot
+        be started at all."""
+        timeout = self.config.cell_timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            self._ensure_alive()
+            notice, self._lost = self._lost, ""
+            cell_id = next(self._ids)
+            conn = self._conn
+            future = conn.request({"type": "exec", "id": cell_id, "code": code})
+            try:
+                result = CellResult.from_message(future.result(timeout=timeout))
+            except FutureTimeout:
+                result = self._stop_overdue(conn, cell_id, future, timeout)
+            except ReplDied as exc:
+                self._lost = (f"[The REPL was restarted: {exc} during the previous cell. Variables and imports "
+                              f"from earlier cells are lost; the inputs were injected again.]")
+                result = CellResult(error=CellError("ReplDied", f"{exc}. All REPL state is lost; the next cell "
+                                                    f"runs in a fresh REPL with the inputs injected again."))
+            result.notice = notice
+            return result
+
+    def _stop_overdue(self, conn: _Connection, cell_id: int, future: Future, timeout: float) -> CellResult:
+        conn.transport.send({"type": "interrupt", "id": cell_id})
+        grace = self.config.kill_grace_s
+        try:
+            result = CellResult.from_message(future.result(timeout=grace))
+        except (FutureTimeout, ReplDied):
+            conn.kill()
+            self._lost = (f"[The REPL was restarted: the previous cell ran past its {timeout:g} s limit and "
+                          f"ignored the interrupt, so the REPL was killed. Variables and imports from earlier "
+                          f"cells are lost; the inputs were injected again.]")
+            return CellResult(error=CellError(
+                "TimeoutError",
+                f"the cell ran past its {timeout:g} s limit and ignored the interrupt for {grace:g} s, so the "
+                f"REPL process was killed: ALL state (variables, imports, functions) is lost. The next cell "
+                f"runs in a fresh REPL with the inputs injected again."), duration_s=timeout + grace)
+        if result.error is not None and result.error.type == "KeyboardInterrupt":
+            message = (f"the cell ran past its {timeout:g} s limit and was interrupted; variables defined so "
+                       f"far are kept")
+            where = result.error.traceback.rstrip("\n").rpartition("\n")[0]  # drop "KeyboardInterrupt: ..."
+            result.error = CellError("TimeoutError", message, f"{where}\nTimeoutError: {message}\n".lstrip())
+        return result
+
+    def interrupt(self) -> None:
+        """Interrupt whatever cell is running (e.g. on Ctrl-C or a global timeout)."""
+        if not self._conn.dead:
+            self._conn.transport.send({"type": "interrupt"})
+
+    # -- calls from sandbox code
+
+    def _on_call(self, conn: _Connection, message: dict[str, Any]) -> None:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.config.host_workers, thread_name_prefix="repl-call")
+        try:
+            self._pool.submit(self._answer, conn, message)
+        except RuntimeError:  # pool shut down: the session is closing
+            pass
+
+    def _answer(self, conn: _Connection, message: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"type": "reply", "call_id": message.get("call_id")}
+        name = message.get("name")
+        try:
+            function = self._tools.get(name)
+            if function is None:
+                raise NameError(f"no host function named {name!r}")
+            value = function(*message.get("args", []), **message.get("kwargs", {}))
+            json.dumps(value)
+            reply["value"] = value
+        except Exception as exc:
+            reply["error"] = f"{type(exc).__name__}: {exc}"
+        if not conn.dead:
+            try:
+                conn.transport.send(reply)
+            except OSError:
+                pass
+
+
+def _tool_spec(name: str, function: Callable[..., Any]) -> dict[str, Any]:
+    """Name, parameters and doc of a host function, so the sandbox-side stub has a real signature."""
+    try:
+        params = [str(p).split(":")[0] if p.default is p.empty else f"{p.name}={p.default!r}"
+                  for p in inspect.signature(function).parameters.values()]
+    except (TypeError, ValueError):
+        params = None
+    return {"name": name, "params": params, "doc": inspect.getdoc(function) or ""}

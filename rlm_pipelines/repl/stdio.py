@@ -1,0 +1,70 @@
+"""The stdio transport: a dedicated pipe pair between the host and a server process it started.
+
+The server gets the pipes as extra inherited fds (not the guest's 0/1/2), so nothing sandbox code prints
+can reach the channel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from typing import Any, Callable, Iterator
+
+from rlm_pipelines.repl.protocol import decode, encode
+
+
+class StdioTransport:
+    def __init__(self, start: Callable[[list[str], tuple[int, int]], subprocess.Popen], server_args: list[str]):
+        """`start(extra_args, pass_fds)` launches the server (inside its sandbox) with the server's own
+        arguments appended; it must pass the two fds through."""
+        to_server_r, self._to_server = os.pipe()
+        self._from_server, from_server_w = os.pipe()
+        try:
+            self.process = start(server_args + ["--fds", str(to_server_r), str(from_server_w)],
+                                 (to_server_r, from_server_w))
+        finally:
+            os.close(to_server_r)
+            os.close(from_server_w)
+        self._write_lock = threading.Lock()
+        self._killed = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = memoryview(encode(message))
+        with self._write_lock:
+            if self._killed:
+                raise BrokenPipeError("the REPL server was stopped")
+            while data:
+                data = data[os.write(self._to_server, data):]
+
+    def messages(self) -> Iterator[dict[str, Any]]:
+        with os.fdopen(self._from_server, "rb", buffering=1 << 16) as stream:
+            for line in stream:
+                yield decode(line)
+
+    def kill(self) -> None:
+        with self._write_lock:
+            if self._killed:
+                return
+            self._killed = True
+            os.close(self._to_server)
+        try:  # the whole process group: bwrap, and with it the sandbox's PID namespace
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+
+    def exit_info(self) -> str:
+        code = self.process.poll()
+        if code is None:
+            return "still running"
+        detail = ""
+        if self.process.stderr is not None:
+            try:
+                os.set_blocking(self.process.stderr.fileno(), False)
+                detail = (self.process.stderr.read() or b"").decode(errors="replace").strip()[-2000:]
+            except (OSError, ValueError):
+                pass
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        return how + (f"; stderr: {detail}" if detail else "")
