@@ -1,0 +1,65 @@
+"""Token usage and dollar cost, recorded per model call, for both the litellm and the dspy path."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+
+@dataclass
+class CallRecord:
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    duration_s: float = 0.0
+    ok: bool = True
+    error: str = ""
+    attempts: int = 1
+    at: float = field(default_factory=time.time)
+
+
+class UsageLedger:
+    """Thread-safe totals of every model call of a run (llm_query fans out from many threads at once).
+
+    `listener` sees each record as it is added: the run tree hooks in there.
+    """
+
+    def __init__(self, listener: Optional[Callable[[CallRecord], None]] = None):
+        self.listener = listener
+        self._lock = threading.Lock()
+        self.records: list[CallRecord] = []
+
+    def add(self, record: CallRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+        if self.listener is not None:
+            self.listener(record)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            records = list(self.records)
+        by_model: dict[str, dict[str, Any]] = {}
+        for r in records:
+            m = by_model.setdefault(r.model, {"calls": 0, "errors": 0, "prompt_tokens": 0,
+                                              "completion_tokens": 0, "cost_usd": 0.0})
+            m["calls"] += 1
+            m["errors"] += 0 if r.ok else 1
+            m["prompt_tokens"] += r.prompt_tokens
+            m["completion_tokens"] += r.completion_tokens
+            m["cost_usd"] += r.cost_usd
+        return {
+            "calls": len(records),
+            "errors": sum(not r.ok for r in records),
+            "prompt_tokens": sum(r.prompt_tokens for r in records),
+            "completion_tokens": sum(r.completion_tokens for r in records),
+            "tokens": sum(r.prompt_tokens + r.completion_tokens for r in records),
+            "cost_usd": round(sum(r.cost_usd for r in records), 6),
+            "by_model": by_model,
+        }
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [asdict(r) for r in self.records]

@@ -1,0 +1,128 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
+
+It speaks `POST /v1/chat/completions` (JSON, and SSE when `stream` is asked) so litellm and dspy talk to
+it exactly as to a provider. Behaviour is programmable: a reply function of the request, a latency, and a
+queue of failures (status codes) served before replies. Every request is logged.
+
+    with OpenAIServer(reply=lambda req: "hi") as server:
+        server.fail(429)                    # the next request gets a 429, then normal replies
+        litellm.completion(model="openai/x", api_base=server.url, api_key="k", messages=[...])
+        server.requests[-1]["headers"]["authorization"]
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional
+
+Reply = Callable[[dict[str, Any]], str]
+
+
+class OpenAIServer:
+    def __init__(self, reply: Optional[Reply] = None, latency_s: float = 0.0):
+        self.reply = reply or (lambda request: "ok")
+        self.latency_s = latency_s
+        self.requests: list[dict[str, Any]] = []
+        self._failures: deque[int] = deque()
+        self._always_fail: Optional[int] = None
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def fail(self, *statuses: int) -> None:
+        """The next requests get these HTTP error statuses, in order."""
+        with self._lock:
+            self._failures.extend(statuses)
+
+    def fail_always(self, status: Optional[int]) -> None:
+        with self._lock:
+            self._always_fail = status
+
+    def start(self) -> "OpenAIServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _next_failure(self) -> Optional[int]:
+        with self._lock:
+            if self._failures:
+                return self._failures.popleft()
+            return self._always_fail
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                with server._lock:
+                    server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in
+                                                                           self.headers.items()}, "body": body})
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                status = server._next_failure()
+                if status is not None:
+                    return self._send(status, {"error": {"message": f"fake provider error {status}",
+                                                         "type": "fake_error", "code": status}})
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                text = server.reply(body)
+                usage = {"prompt_tokens": sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
+                         // 4 + 1, "completion_tokens": len(text) // 4 + 1}
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                model = body.get("model", "fake")
+                if body.get("stream"):
+                    return self._stream(model, text, usage)
+                self._send(200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                                 "model": model, "usage": usage,
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}]})
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _stream(self, model: str, text: str, usage: dict[str, int]) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("connection", "close")
+                self.end_headers()
+                chunks = [{"delta": {"role": "assistant", "content": text}, "finish_reason": None},
+                          {"delta": {}, "finish_reason": "stop"}]
+                for chunk in chunks:
+                    event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                             "created": int(time.time()), "choices": [{"index": 0, **chunk}]}
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.write(f"data: {json.dumps({'id': 'chatcmpl-fake', 'object': 'chat.completion.chunk', 'model': model, 'choices': [], 'usage': usage})}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
+
+        return Handler
