@@ -420,7 +420,7 @@ def main(argv=None):
     parser.add_argument("--fds", nargs=2, type=int, metavar=("IN", "OUT"), required=True)
     parser.add_argument("--output-limit", type=int, default=100_000)
     args = parser.parse_args(argv)
-    sys.stdout.reconfigure(errors="backslashreplace")
+    sys.stdout.reconfigure(errors="backslashreplace", line_buffering=True)  # print and os.system stay in order
     sys.stderr.reconfigure(errors="backslashreplace")
     Server(StdioChannel(*args.fds), args.output_limit).serve()
 

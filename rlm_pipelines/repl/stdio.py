@@ -10,15 +10,18 @@ import os
 import signal
 import subprocess
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from rlm_pipelines.repl.protocol import decode, encode
 
 
 class StdioTransport:
-    def __init__(self, start: Callable[[list[str], tuple[int, int]], subprocess.Popen], server_args: list[str]):
+    def __init__(self, start: Callable[[list[str], tuple[int, int]], subprocess.Popen], server_args: list[str],
+                 kill: Optional[Callable[[subprocess.Popen], None]] = None):
         """`start(extra_args, pass_fds)` launches the server (inside its sandbox) with the server's own
-        arguments appended; it must pass the two fds through."""
+        arguments appended; it must pass the two fds through. `kill(process)` stops it for good; the
+        default kills its process group."""
+        self._kill = kill or _kill_group
         to_server_r, self._to_server = os.pipe()
         self._from_server, from_server_w = os.pipe()
         try:
@@ -49,11 +52,7 @@ class StdioTransport:
                 return
             self._killed = True
             os.close(self._to_server)
-        try:  # the whole process group: bwrap, and with it the sandbox's PID namespace
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.wait()
+        self._kill(self.process)
 
     def exit_info(self) -> str:
         code = self.process.poll()
@@ -68,3 +67,11 @@ class StdioTransport:
                 pass
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         return how + (f"; stderr: {detail}" if detail else "")
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()

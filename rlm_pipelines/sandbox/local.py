@@ -12,8 +12,11 @@ makes the process limit - and fork-bomb containment - real.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import select
+import signal
 import random
 import shutil
 import subprocess
@@ -103,7 +106,7 @@ class LocalSandbox:
 
     # -- processes
 
-    def _argv(self, command: Sequence[str], cwd: Optional[str] = None) -> list[str]:
+    def _argv(self, command: Sequence[str], cwd: Optional[str] = None, info_fd: Optional[int] = None) -> list[str]:
         """The full host command line that runs `command` inside this sandbox."""
         cfg, root = self.config, self._require_root()
         nproc = cfg.max_processes if os.geteuid() == 0 else _user_processes() + cfg.max_processes
@@ -112,8 +115,8 @@ class LocalSandbox:
         env = _environment(cfg, self.workdir, self._tmpdir())
         if self.isolation == "none":
             return argv + ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *command]
-        argv += ["bwrap", "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid",
-                 "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--clearenv"]
+        argv += ["bwrap", "--info-fd", str(info_fd), "--die-with-parent", "--new-session", "--unshare-ipc",
+                 "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--clearenv"]
         if not cfg.network:
             argv.append("--unshare-net")
         if self._uid is None:  # unprivileged host: a user namespace maps our own uid
@@ -138,11 +141,21 @@ class LocalSandbox:
     def _popen(self, command: Sequence[str], cwd: Optional[str] = None, pass_fds: tuple[int, ...] = (),
                **kwargs) -> subprocess.Popen:
         host_cwd = self._host_path(cwd or ".") if self.isolation == "none" else None
+        # bwrap tells the host pid of the namespace's first process on this pipe: `_kill` waits for it,
+        # so that "stopped" means every process in the namespace is gone, not just bwrap.
+        info_r, info_w = os.pipe() if self.isolation == "bwrap" else (None, None)
         try:
-            proc = subprocess.Popen(self._argv(command, cwd), cwd=host_cwd, pass_fds=pass_fds,
+            proc = subprocess.Popen(self._argv(command, cwd, info_w), cwd=host_cwd,
+                                    pass_fds=pass_fds + ((info_w,) if info_w is not None else ()),
                                     start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
         except OSError as exc:
+            if info_r is not None:
+                os.close(info_r)
             raise SandboxStartError(f"cannot start a process in sandbox {self.id}: {exc}") from exc
+        finally:
+            if info_w is not None:
+                os.close(info_w)
+        proc.info_fd = info_r  # type: ignore[attr-defined]
         with self._lock:
             if self._stopped:
                 _kill(proc)
@@ -159,9 +172,10 @@ class LocalSandbox:
             code = proc.returncode
         except subprocess.TimeoutExpired:
             _kill(proc)
-            out, code = (proc.stdout.read() if proc.stdout else b""), 124
+            out, code = proc.communicate()[0] or b"", 124  # what it printed before the limit is kept
             out += f"\n[killed: the command ran past its {timeout:g} s limit]".encode()
         finally:
+            _kill(proc)  # background children of the command die with it, as in a fresh shell's exit
             with self._lock:
                 self._procs.discard(proc)
         if len(out) > OUTPUT_CAP:
@@ -177,7 +191,7 @@ class LocalSandbox:
             def start(server_args: list[str], fds: tuple[int, int]) -> subprocess.Popen:
                 return self._popen([self._python(), "-I", server, *server_args], pass_fds=fds,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            return StdioTransport(start, args)
+            return StdioTransport(start, args, kill=_kill)
 
         session = ReplSession(spawn, self.config.repl)
         with self._lock:
@@ -264,11 +278,28 @@ def _user_processes() -> int:
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    """Kill a sandbox process and everything in its namespace, and wait until they are all gone
+    (idempotent)."""
+    info_fd = getattr(proc, "info_fd", None)
+    pidfd = None
+    if info_fd is not None:
+        proc.info_fd = None  # type: ignore[attr-defined]
+        try:
+            os.set_blocking(info_fd, False)
+            info = json.loads(os.read(info_fd, 4096) or b"{}")
+            pidfd = os.pidfd_open(info["child-pid"]) if "child-pid" in info else None
+        except (OSError, ValueError, KeyError):
+            pass
+        finally:
+            os.close(info_fd)
     try:
-        os.killpg(proc.pid, 9)
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    if pidfd is not None:  # the namespace's init exits only after the kernel has reaped all the rest
+        select.select([pidfd], [], [], 10)
+        os.close(pidfd)
 
 
 @lru_cache(maxsize=None)
