@@ -224,13 +224,19 @@ class Server:
         return reply.get("value")
 
     def _make_tool(self, name, params, doc):
+        signature = _signature(params) if params is not None else None
+
         def tool(*args, **kwargs):
+            if signature is not None:  # a wrong call fails here, with Python's own message
+                try:
+                    signature.bind(*args, **kwargs)
+                except TypeError as exc:
+                    raise TypeError("%s%s: %s" % (name, signature, exc)) from None
             return self.call_host(name, args, kwargs)
 
         tool.__name__ = tool.__qualname__ = name
         tool.__doc__ = doc or None
-        if params is not None:
-            tool.__signature__ = _signature(params)
+        tool.__signature__ = signature
         return tool
 
     # -- builtins that end a run
