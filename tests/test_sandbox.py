@@ -151,7 +151,7 @@ def test_a_cell_ignoring_the_interrupt_is_killed_and_the_next_call_says_state_wa
 
 
 def test_paths_cannot_escape_the_sandbox(sandbox, repl):
-    for bad in ("../../etc/passwd", "/etc/passwd", str(PROJECT / "README.md"), "/workspace/../etc/hostname"):
+    for bad in ("../../etc/passwd", "/etc/passwd", "/root/.bashrc", "/workspace/../etc/hostname"):
         with pytest.raises(SandboxError):
             sandbox.download(bad)
         with pytest.raises(SandboxError):
