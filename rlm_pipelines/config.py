@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 
 @dataclass
 class ReplConfig:
@@ -58,6 +60,7 @@ class SandboxConfig:
 class ModelSpec:
     """One language model, as litellm names it. Keys are never stored: only the NAME of the env var."""
 
+    name: str = "scripted"  # the config's name, used in output paths
     model: str = "scripted/default"
     api_key_env: Optional[str] = None
     api_base: Optional[str] = None
@@ -70,3 +73,47 @@ class ModelSpec:
     output_cost_per_mtok: Optional[float] = None
     # Model for llm_query / llm_query_batched; null = the same model.
     sub: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class LimitsConfig:
+    """Bounds on one run. Every limit is enforced, and reaching it is recorded in the run tree."""
+
+    max_iterations: int = 20  # model turns per agent
+    max_llm_calls: int = 300  # llm_query calls per run (a batch reserves all of its prompts at once)
+    max_depth: int = 2  # recursion depth of sub-agents (repo engine)
+    max_sandboxes: int = 50  # sandboxes created over the run's lifetime (repo engine)
+    max_tokens: int = 5_000_000  # prompt + completion tokens over the whole run
+    max_cost_usd: float = 5.0  # dollars over the whole run
+    wall_time_s: float = 3600.0  # the whole run
+    max_output_chars: int = 10_000  # a cell's output as shown to the model (head + tail kept)
+    concurrency: int = 32  # parallel llm_query_batched calls (and sub-agents)
+
+
+@dataclass
+class OrchestrationConfig:
+    """How the run is driven. Prefect is the default; `prefect: false` runs the same steps in-process."""
+
+    prefect: bool = True
+    retries: int = 2  # of the engine step, on transient infrastructure errors only
+    retry_delay_s: float = 5.0
+    progress: bool = True  # per-iteration lines and progress bars on the console
+
+
+@dataclass
+class RunConfig:
+    """The composed configuration of one run (`conf/config.yaml`)."""
+
+    task: Any = MISSING  # validated against the task plugin's own schema (see rlm_pipelines/tasks.py)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore, so a wrong type or an unknown key fails at compose time."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)

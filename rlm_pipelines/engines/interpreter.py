@@ -36,8 +36,10 @@ _IMMUTABLE = (str, bytes, int, float, bool, type(None), tuple, frozenset)
 
 class SandboxInterpreter:
     def __init__(self, config: Optional[SandboxConfig] = None, tools: Optional[dict[str, Callable]] = None,
-                 output_fields: Optional[list[dict[str, Any]]] = None):
+                 output_fields: Optional[list[dict[str, Any]]] = None,
+                 on_start: Optional[Callable[[str], None]] = None):
         self.config = config or SandboxConfig()
+        self.on_start = on_start  # told the sandbox id once it runs (the run tree records it)
         self.tools: dict[str, Callable[..., Any]] = dict(tools or {})
         self.output_fields = output_fields
         self._tools_registered = False  # dspy's RLM resets this when it injects fresh tools
@@ -60,6 +62,8 @@ class SandboxInterpreter:
                 self.sandbox = make_sandbox(self.config, name="dspy")
                 self.sandbox.start()
                 self.session = self.sandbox.open_repl()
+                if self.on_start is not None:
+                    self.on_start(self.sandbox.id)
             except (SandboxError, ReplError, OSError) as exc:
                 self._stop_sandbox()
                 raise CodeInterpreterError(f"cannot start the sandbox: {exc}") from exc
@@ -146,11 +150,12 @@ class SandboxInterpreterFactory:
     """What `dspy.RLM(interpreter_factory=...)` takes: a zero-argument callable, plus the
     `execution_instructions` RLM puts into the model's prompt, describing this sandbox truthfully."""
 
-    def __init__(self, config: Optional[SandboxConfig] = None):
+    def __init__(self, config: Optional[SandboxConfig] = None, on_start: Optional[Callable[[str], None]] = None):
         self.config = config or SandboxConfig()
+        self.on_start = on_start
 
     def __call__(self) -> SandboxInterpreter:
-        return SandboxInterpreter(self.config)
+        return SandboxInterpreter(self.config, on_start=self.on_start)
 
     @property
     def execution_instructions(self) -> str:

@@ -17,7 +17,7 @@ __all__ = ["CallRecord", "Completion", "LLMClient", "MissingKeyError", "ModelErr
            "build_dspy_lm", "check_key", "register_prices", "sub_spec"]
 
 
-def build_dspy_lm(spec, ledger=None):  # noqa: D103 - lazy: dspy is imported only when asked for
+def build_dspy_lm(spec, ledger=None, role=""):  # noqa: D103 - lazy: dspy is imported only when asked for
     from rlm_pipelines.models.dspy_lm import build_dspy_lm as build
 
-    return build(spec, ledger)
+    return build(spec, ledger, role)

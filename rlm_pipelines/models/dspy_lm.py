@@ -12,9 +12,10 @@ from rlm_pipelines.models.litellm_client import litellm_kwargs, register_prices,
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
 
 
-def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None) -> Any:
+def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "") -> Any:
     """A `dspy.LM` on the litellm engine (dspy 3.4 defaults to another one) that retries transient errors
-    with our policy and records every call into `ledger`."""
+    with our policy and records every call into `ledger`. `last_call()` gives the calling thread's latest
+    prompt and reply (the run tree records them per iteration)."""
     import dspy
 
     from rlm_pipelines.models import scripted
@@ -34,7 +35,8 @@ def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None) -> Any:
             except Exception as exc:
                 if self.ledger is not None:
                     self.ledger.add(CallRecord(spec.model, duration_s=time.perf_counter() - started, ok=False,
-                                               error=str(exc), attempts=getattr(exc, "attempts", 1)))
+                                               error=str(exc), attempts=getattr(exc, "attempts", 1),
+                                               role=role))
                 raise
             if self.ledger is not None:
                 entry = getattr(self._last, "entry", None)
@@ -42,14 +44,19 @@ def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None) -> Any:
                 self.ledger.add(CallRecord(spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
                                            completion_tokens=usage.get("completion_tokens", 0) or 0,
                                            cost_usd=float((entry or {}).get("cost") or 0.0),
-                                           duration_s=time.perf_counter() - started, attempts=attempts))
+                                           duration_s=time.perf_counter() - started, attempts=attempts,
+                                           role=role))
             return result
 
         def update_history(self, entry: dict[str, Any]) -> None:
             # dspy writes this in the calling thread, so a thread-local pairs it with its own call even
             # when llm_query_batched runs many at once. Only usage is kept: dspy's own history would hold
             # every prompt (whole chapters) for the life of the run.
-            self._last.entry = {"usage": entry.get("usage"), "cost": entry.get("cost")}
+            self._last.entry = {"usage": entry.get("usage"), "cost": entry.get("cost"),
+                                "messages": entry.get("messages"), "outputs": entry.get("outputs")}
+
+        def last_call(self) -> dict[str, Any]:
+            return getattr(self._last, "entry", None) or {}
 
     kwargs = litellm_kwargs(spec)
     lm = RecordingLM(spec.model, engine="litellm", cache=False, num_retries=0,

@@ -115,6 +115,7 @@ def _as_model_error(exc: Exception, what: str, attempts: int) -> ModelError:
     tried = f" after {attempts} attempts" if attempts > 1 else ""
     error = ModelError(f"{what} failed{tried}: {type(exc).__name__}: {_short(exc, 2000)}")
     error.attempts = attempts  # type: ignore[attr-defined]
+    error.transient = is_transient(exc)  # type: ignore[attr-defined]  # the pipeline may retry its step
     return error
 
 

@@ -18,6 +18,7 @@ class CallRecord:
     ok: bool = True
     error: str = ""
     attempts: int = 1
+    role: str = ""  # "root" (the agent's own turns) or "sub" (llm_query)
     at: float = field(default_factory=time.time)
 
 

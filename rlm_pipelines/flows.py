@@ -1,0 +1,184 @@
+"""The pipeline: prepare inputs -> run the engine -> write outputs -> downstream steps -> summary.
+
+The steps are plain functions (tested without any engine); `run_pipeline` chains them either as a Prefect
+flow (`orchestration.prefect: true`: each step a task run, history in the Prefect UI, the engine step
+retried on transient infrastructure errors only) or in-process. Config crosses into Prefect as plain data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from rlm_pipelines.budget import Budget, BudgetExceeded
+from rlm_pipelines.config import RunConfig
+from rlm_pipelines.models import UsageLedger
+from rlm_pipelines.progress import ConsoleProgress
+from rlm_pipelines.tasks import Task, discover, resolve
+from rlm_pipelines.tree import RunTree
+
+STATUS_EXIT = {"ok": 0, "cancelled": 130}
+
+
+@dataclass
+class Run:
+    """What the steps share within one process (never serialized into Prefect)."""
+
+    cfg: RunConfig
+    task: Task
+    params: Any
+    run_dir: Path
+    tree: RunTree
+    budget: Budget
+    progress: ConsoleProgress
+    inputs: dict[str, Any] = field(default_factory=dict)
+    result: Optional[dict[str, Any]] = None
+    files: list[str] = field(default_factory=list)
+
+
+def _typed(config: dict[str, Any]) -> RunConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), config))  # type: ignore
+
+
+def open_run(config: dict[str, Any], run_dir: str) -> Run:
+    cfg = _typed(config)
+    task, params = resolve(OmegaConf.create(config), discover())
+    progress = ConsoleProgress(cfg.orchestration.progress)
+    ledger = UsageLedger(listener=lambda record: progress.advance() if record.role == "sub" else None)
+    tree = RunTree(Path(run_dir) / "run.json", {
+        "task": task.name, "engine": task.engine, "model": cfg.model.model, "model_name": cfg.model.name,
+        "sandbox": asdict(cfg.sandbox), "limits": asdict(cfg.limits), "config": config})
+    tree.save()
+    return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def prepare_inputs(run: Run) -> dict[str, Any]:
+    started = time.perf_counter()
+    run.inputs = run.task.build_inputs(run.params)
+    sizes = {k: (len(v) if isinstance(v, (list, str)) else 1) for k, v in run.inputs.items()}
+    run.progress.line(f"inputs ready in {time.perf_counter() - started:.1f} s: {sizes}")
+    return sizes
+
+
+def run_engine(run: Run) -> dict[str, Any]:
+    if run.task.engine == "document":
+        from rlm_pipelines.engines.document import run_document
+
+        result = run_document(run.task, run.params, run.inputs, run.cfg, run.tree, run.budget, run.progress)
+    else:
+        raise ValueError(f"task {run.task.name!r} needs the {run.task.engine!r} engine, which is not built yet")
+    run.result = run.task.normalize(result, run.params)
+    return run.result
+
+
+def write_outputs(run: Run) -> list[str]:
+    (run.run_dir / "result.json").write_text(json.dumps(run.result, ensure_ascii=False, indent=1, default=str))
+    run.files.append("result.json")
+    return ["result.json"]
+
+
+def downstream(run: Run) -> list[str]:
+    files = run.task.downstream(run.result or {}, run.inputs, run.params, run.run_dir, model=run.cfg.model.model)
+    run.files.extend(files)
+    return files
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """summary.json: the figures a person compares runs by."""
+    tree = run.tree.run
+    usage = run.budget.ledger.snapshot()
+    root = tree.get("root") or {}
+    score = None
+    if run.result is not None:
+        score = run.task.score(run.result, run.inputs, run.params)
+    summary = {
+        "run_id": tree["id"], "task": tree["task"], "engine": tree["engine"], "model": tree["model"],
+        "model_name": tree.get("model_name"), "status": tree["status"], "error": tree["error"],
+        "iterations": len(root.get("iterations", [])), "agents": run.tree.agents,
+        "llm_calls": usage["calls"], "tokens": usage["tokens"], "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"], "cost_usd": usage["cost_usd"],
+        "wall_time_s": tree["duration_s"], "score": score, "run_dir": str(run.run_dir.resolve()),
+        "files": ["run.json", *run.files, "summary.json"],
+    }
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+    return summary
+
+
+def finish(run: Run, status: str, error: Optional[str] = None) -> dict[str, Any]:
+    usage = run.budget.ledger.snapshot()
+    run.tree.set_usage({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                        "tokens": usage["tokens"], "cost_usd": usage["cost_usd"], "llm_calls": usage["calls"]})
+    run.tree.finish(status, result=run.result, error=error)
+    return summarize(run)
+
+
+def status_of(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "cancelled"
+    if isinstance(exc, BudgetExceeded):
+        return exc.status
+    return "error"
+
+
+def is_transient_infra(exc: BaseException) -> bool:
+    """Worth another attempt of the engine step: the sandbox could not start, or the provider was down after
+    our per-call retries. Never the model's own mistakes."""
+    from rlm_pipelines.sandbox import SandboxStartError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SandboxStartError) or getattr(exc, "transient", False):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+# --------------------------------------------------------------------------- chaining
+
+
+def run_steps(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """All steps in-process; the same order and error handling as the Prefect flow."""
+    run = open_run(config, run_dir)
+    try:
+        prepare_inputs(run)
+        attempts = run.cfg.orchestration.retries + 1
+        for attempt in range(attempts):
+            try:
+                run_engine(run)
+                break
+            except Exception as exc:
+                if attempt + 1 >= attempts or not is_transient_infra(exc):
+                    raise
+                run.progress.line(f"transient failure ({exc}); retrying the engine step")
+                time.sleep(run.cfg.orchestration.retry_delay_s)
+        write_outputs(run)
+        downstream(run)
+    except BaseException as exc:
+        summary = finish(run, status_of(exc), f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, (KeyboardInterrupt, BudgetExceeded)):
+            return summary
+        raise
+    return finish(run, "ok")
+
+
+def run_prefect(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    from rlm_pipelines.prefect_flow import rlm_run
+
+    return rlm_run(config=config, run_dir=run_dir)
+
+
+def run_pipeline(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    os.makedirs(run_dir, exist_ok=True)
+    if config.get("orchestration", {}).get("prefect", True):
+        return run_prefect(config, run_dir)
+    return run_steps(config, run_dir)

@@ -1,0 +1,58 @@
+"""The pipeline as a Prefect flow: the only module that imports prefect (lazily: it costs ~2 s).
+
+Each step is a task run, so the Prefect UI shows where a run is and what failed; the engine step is retried
+on transient infrastructure errors only. Artifacts: a summary table and the links to the run's outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from rlm_pipelines import flows
+
+
+def _transient(task_: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the state holds the step's exception
+        return flows.is_transient_infra(exc)
+    return False
+
+
+prepare_step = task(flows.prepare_inputs, name="prepare inputs", cache_policy=NONE)
+engine_step = task(flows.run_engine, name="run engine", cache_policy=NONE, retry_condition_fn=_transient)
+outputs_step = task(flows.write_outputs, name="write outputs", cache_policy=NONE)
+downstream_step = task(flows.downstream, name="downstream steps", cache_policy=NONE)
+
+
+def _artifacts(summary: dict[str, Any]) -> None:
+    keys = ("status", "iterations", "agents", "llm_calls", "tokens", "cost_usd", "wall_time_s", "score")
+    create_table_artifact(key="rlm-run-summary", table=[{k: summary.get(k) for k in ("task", "model") + keys}],
+                          description=f"rlm-pipelines run {summary['run_id']}")
+    links = "\n".join(f"- [{name}](file://{summary['run_dir']}/{name})" for name in summary["files"])
+    create_markdown_artifact(key="rlm-run-outputs", description="where this run's outputs are",
+                             markdown=f"### Outputs of run {summary['run_id']}\n\n`{summary['run_dir']}`\n\n{links}\n")
+
+
+@flow(name="rlm-run", flow_run_name="{config[task][name]}-{config[model][name]}", log_prints=True)
+def rlm_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    run = flows.open_run(config, run_dir)
+    retries = run.cfg.orchestration.retries
+    try:
+        prepare_step(run)
+        engine_step.with_options(retries=retries, retry_delay_seconds=run.cfg.orchestration.retry_delay_s)(run)
+        outputs_step(run)
+        downstream_step(run)
+    except BaseException as exc:
+        summary = flows.finish(run, flows.status_of(exc), f"{type(exc).__name__}: {exc}")
+        _artifacts(summary)
+        if isinstance(exc, flows.BudgetExceeded):
+            return summary
+        raise
+    summary = flows.finish(run, "ok")
+    _artifacts(summary)
+    return summary

@@ -1,0 +1,1 @@
+"""Reports: run summaries, plots and (later) the viewer bundle."""

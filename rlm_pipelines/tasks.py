@@ -1,0 +1,93 @@
+"""Task plugins: what a run works on.
+
+A task names its engine, builds the engine's inputs from its config, carries its signature and
+instructions, a scripted policy for `model=scripted`, optional downstream steps (plots) and an optional
+score. Built-in tasks live in `tasks/<name>/` (installed as `rlm_tasks.<name>`); any installed package adds
+tasks through the entry-point group `rlm_pipelines.tasks`, each entry pointing at a `Task` instance.
+
+Lifecycle of a task in a run:
+    1. discovered (`discover()`), its `params` schema stored in Hydra's ConfigStore as `task_schema/<name>`,
+       which `conf/task/<name>.yaml` extends (a third-party task without a yaml there: as `task/<name>`
+       itself, so `task=<name>` works)
+    2. `check(params)`: fail fast on bad input (a missing file), before any sandbox starts
+    3. `build_inputs(params)`: the engine's inputs (e.g. the 117 chapters)
+    4. the engine runs; `downstream(result, inputs, params, run_dir)` writes plots; `score(...)` grades
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+GROUP = "rlm_pipelines.tasks"
+
+
+class Task:
+    """Base class of task plugins; override what the task needs."""
+
+    name: str = ""
+    engine: str = "document"  # "document" (dspy.RLM) or "repo" (recursive agents)
+    params: type = object  # a dataclass: the schema of `task.*` in the config
+    signature: str = ""  # document engine: the dspy signature, e.g. "documents: list[str] -> answer: str"
+    instructions: str = ""  # document engine: instructions for the signature (kept in a prompt file)
+
+    def check(self, params: Any) -> None:
+        """Raise ValueError/FileNotFoundError with a message that says what to do."""
+
+    def build_inputs(self, params: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def script(self, params: Any) -> Any:
+        """The scripted policy (a `rlm_pipelines.models.scripted.Script`) for `model=scripted`."""
+        raise NotImplementedError(f"task {self.name!r} has no scripted policy")
+
+    def normalize(self, result: dict[str, Any], params: Any) -> dict[str, Any]:
+        """The engine's outputs cleaned for result.json (e.g. name variants folded)."""
+        return result
+
+    def downstream(self, result: dict[str, Any], inputs: dict[str, Any], params: Any, run_dir: Path,
+                   model: str = "") -> list[str]:
+        """Steps after the engine (plots); returns the files written, relative to run_dir. `model` names the
+        model that produced the result, for captions."""
+        return []
+
+    def score(self, result: dict[str, Any], inputs: dict[str, Any], params: Any) -> Optional[float]:
+        return None
+
+
+def discover() -> dict[str, Task]:
+    """Every installed task, by name."""
+    tasks: dict[str, Task] = {}
+    for entry in entry_points(group=GROUP):
+        task = entry.load()
+        if not isinstance(task, Task):
+            raise TypeError(f"entry point {entry.name!r} ({entry.value}) must point at a rlm_pipelines.tasks.Task")
+        tasks[task.name or entry.name] = task
+    return tasks
+
+
+def register_task_schemas(tasks: dict[str, Task], builtin_conf: Path) -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, task in tasks.items():
+        if not dataclasses.is_dataclass(task.params):
+            continue
+        has_yaml = (builtin_conf / "task" / f"{name}.yaml").is_file()
+        store.store(group="task_schema" if has_yaml else "task", name=name, node=task.params)
+
+
+def resolve(cfg: DictConfig, tasks: Optional[dict[str, Task]] = None) -> tuple[Task, Any]:
+    """The task plugin a composed config names, and its params as a typed object."""
+    tasks = tasks if tasks is not None else discover()
+    name = cfg.task.get("name")
+    if name not in tasks:
+        known = ", ".join(sorted(tasks)) or "none installed"
+        raise ValueError(f"unknown task {name!r}; installed tasks: {known}")
+    task = tasks[name]
+    params = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(task.params), cfg.task))
+    return task, params

@@ -1,0 +1,129 @@
+"""The run tree: `run.json`, the record of everything a run did.
+
+Schema-versioned (`rlm-pipelines/run@1`, see `schemas/run.schema.json`) and rewritten atomically (a temp
+file renamed over the old one) after every iteration, so a crash or Ctrl-C leaves a readable file with
+everything up to that point.
+
+Nodes are agents (`kind: agent`, with iterations) and model sub-calls (`kind: llm_call`). Each iteration
+lists the ids of the nodes it spawned, recorded as they are created, never inferred afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+SCHEMA = "rlm-pipelines/run@1"
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "run.schema.json"
+TEXT_LIMIT = 20_000  # characters of one text field kept in run.json (full length recorded beside it)
+
+
+def clip(text: Any, limit: int = TEXT_LIMIT) -> Any:
+    """Cut long text head + tail, saying how much was cut."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n... [{len(text) - limit} characters cut] ...\n{text[-half:]}"
+
+
+class RunTree:
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._spawned: dict[str, list[str]] = {}  # agent id -> children spawned in its current iteration
+        self._clock: dict[str, float] = {}  # node id -> monotonic start, for durations
+        self.started = time.time()
+        self.run: dict[str, Any] = {
+            "schema": SCHEMA, "id": meta.pop("id", uuid.uuid4().hex[:12]), "status": "running",
+            "started_at": _now(), "ended_at": None, "duration_s": 0.0,
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "tokens": 0, "cost_usd": 0.0,
+                      "llm_calls": 0, "sandboxes": 0},
+            "result": None, "error": None, "root": None, **meta,
+        }
+
+    # -- nodes
+
+    def add_node(self, kind: str, task: str, parent_id: Optional[str] = None, **fields: Any) -> str:
+        with self._lock:
+            node_id = f"{kind[0]}{len(self._nodes)}"
+            parent = self._nodes.get(parent_id) if parent_id else None
+            node = {"id": node_id, "parent_id": parent_id, "depth": parent["depth"] + 1 if parent else 0,
+                    "kind": kind, "task": clip(task), "task_chars": len(task), "sandbox_id": None,
+                    "status": "running", "started_at": _now(), "ended_at": None, "duration_s": 0.0,
+                    "usage": {}, "result": None, "result_truncated": False, "error": None, "iterations": [],
+                    "children": [], **fields}
+            self._nodes[node_id] = node
+            self._clock[node_id] = time.monotonic()
+            if parent is None:
+                self.run["root"] = node
+            else:
+                parent["children"].append(node)
+                self._spawned.setdefault(parent_id, []).append(node_id)
+            return node_id
+
+    def add_llm_call(self, parent_id: str, prompt: str, answer: str, **fields: Any) -> str:
+        node_id = self.add_node("llm_call", prompt, parent_id, **fields)
+        self.end_node(node_id, "ok", result=answer)
+        return node_id
+
+    def end_node(self, node_id: str, status: str, result: Any = None, error: Optional[str] = None,
+                 **fields: Any) -> None:
+        with self._lock:
+            node = self._nodes[node_id]
+            text = result if isinstance(result, str) else None
+            node.update(status=status, ended_at=_now(), error=error, **fields,
+                        result=clip(text) if text is not None else result,
+                        result_truncated=bool(text is not None and len(text) > TEXT_LIMIT))
+            node["duration_s"] = round(time.monotonic() - self._clock[node_id], 3)
+
+    def update_node(self, node_id: str, **fields: Any) -> None:
+        with self._lock:
+            self._nodes[node_id].update(fields)
+
+    def add_iteration(self, node_id: str, **data: Any) -> None:
+        """Record one iteration of an agent and save the tree."""
+        with self._lock:
+            node = self._nodes[node_id]
+            entry = {"index": len(node["iterations"]), **{k: clip(v) for k, v in data.items()},
+                     "children": self._spawned.pop(node_id, [])}
+            node["iterations"].append(entry)
+        self.save()
+
+    # -- the run
+
+    def set_usage(self, usage: dict[str, Any]) -> None:
+        with self._lock:
+            self.run["usage"].update(usage)
+
+    def finish(self, status: str, result: Any = None, error: Optional[str] = None) -> None:
+        with self._lock:
+            self.run.update(status=status, result=result, error=error, ended_at=_now(),
+                            duration_s=round(time.time() - self.started, 3))
+            root = self.run["root"]
+            if root is not None and root["status"] == "running":
+                self.end_node(root["id"], status, error=error)
+        self.save()
+
+    def save(self) -> None:
+        with self._lock:
+            self.run["duration_s"] = round(time.time() - self.started, 3)
+            data = json.dumps(self.run, ensure_ascii=False, indent=1, default=str)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    @property
+    def agents(self) -> int:
+        return sum(node["kind"] == "agent" for node in self._nodes.values())
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
