@@ -57,6 +57,21 @@ class SandboxConfig:
 
 
 @dataclass
+class SubModelSpec:
+    """The model `llm_query` talks to, as overrides of the main model: unset (null) fields are inherited."""
+
+    model: Optional[str] = None
+    api_key_env: Optional[str] = None
+    api_base: Optional[str] = None
+    temperature: Optional[float] = None
+    max_tokens: Optional[int] = None
+    timeout_s: Optional[float] = None
+    num_retries: Optional[int] = None
+    input_cost_per_mtok: Optional[float] = None
+    output_cost_per_mtok: Optional[float] = None
+
+
+@dataclass
 class ModelSpec:
     """One language model, as litellm names it. Keys are never stored: only the NAME of the env var."""
 
@@ -71,8 +86,8 @@ class ModelSpec:
     # Prices for models litellm's bundled map lacks, in dollars per million tokens.
     input_cost_per_mtok: Optional[float] = None
     output_cost_per_mtok: Optional[float] = None
-    # Model for llm_query / llm_query_batched; null = the same model.
-    sub: Optional[dict[str, Any]] = None
+    # Model for llm_query / llm_query_batched: fields that differ from this model (all null = the same model).
+    sub: SubModelSpec = field(default_factory=SubModelSpec)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlm_pipelines.config import ModelSpec
+from rlm_pipelines.config import ModelSpec, SubModelSpec
 from rlm_pipelines.models import LLMClient, MissingKeyError, ModelError, UsageLedger, build_dspy_lm, check_key
 from rlm_pipelines.models import litellm_client
 from rlm_pipelines.models.scripted import Turn, TurnScript, register_script
@@ -89,7 +89,7 @@ def test_missing_key_names_the_variable(monkeypatch):
     spec = ModelSpec(model="openrouter/google/gemini-3-flash-preview", api_key_env="OPENROUTER_API_KEY")
     with pytest.raises(MissingKeyError, match="export OPENROUTER_API_KEY="):
         check_key(spec)
-    sub_needs_key = ModelSpec(model="scripted/x", sub={"model": "openai/gpt-x", "api_key_env": "OPENAI_API_KEY"})
+    sub_needs_key = ModelSpec(model="scripted/x", sub=SubModelSpec(model="openai/gpt-x", api_key_env="OPENAI_API_KEY"))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(MissingKeyError, match="OPENAI_API_KEY"):
         check_key(sub_needs_key)

@@ -8,10 +8,10 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional, TypeVar, Union
 
-from rlm_pipelines.config import ModelSpec
+from rlm_pipelines.config import ModelSpec, SubModelSpec
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,11 @@ def check_key(spec: ModelSpec) -> None:
 
 
 def sub_spec(spec: ModelSpec) -> ModelSpec:
-    """The model `llm_query` talks to: `spec.sub` overrides on top of the main model."""
-    if not spec.sub:
+    """The model `llm_query` talks to: the non-null fields of `spec.sub` on top of the main model."""
+    overrides = {k: v for k, v in asdict(spec.sub).items() if v is not None} if spec.sub else {}
+    if not overrides:
         return spec
-    fields = {k: v for k, v in vars(spec).items() if k != "sub"}
-    fields.update({k: v for k, v in dict(spec.sub).items() if v is not None})
-    return ModelSpec(**fields)
+    return replace(spec, **overrides, sub=SubModelSpec())
 
 
 def litellm_kwargs(spec: ModelSpec) -> dict[str, Any]:
@@ -54,6 +53,8 @@ def litellm_kwargs(spec: ModelSpec) -> dict[str, Any]:
                               "timeout": spec.timeout_s}
     if spec.api_key_env:
         kwargs["api_key"] = os.environ.get(spec.api_key_env, "")
+    elif spec.api_base:  # local OpenAI-compatible servers ignore the key, but the OpenAI client wants one
+        kwargs["api_key"] = "no-key"
     if spec.api_base:
         kwargs["api_base"] = spec.api_base
     return kwargs

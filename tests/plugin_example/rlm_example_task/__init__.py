@@ -1,0 +1,32 @@
+"""A third-party task plugin, as another package would ship one (installed by the tests)."""
+
+from dataclasses import dataclass
+
+from rlm_pipelines.models.scripted import Turn, TurnScript
+from rlm_pipelines.tasks import Task
+
+
+@dataclass
+class SlowEchoParams:
+    name: str = "slow_echo"
+    engine: str = "document"
+    text: str = "hello"
+    sleep_s: float = 0.0
+
+
+class SlowEcho(Task):
+    name = "slow_echo"
+    engine = "document"
+    params = SlowEchoParams
+    signature = "text: str -> echoed: str"
+    instructions = "Echo `text` in capitals."
+
+    def build_inputs(self, params):
+        return {"text": params.text}
+
+    def script(self, params):
+        return TurnScript([Turn(f"import time\nprint('working')\ntime.sleep({params.sleep_s})"),
+                           Turn("SUBMIT(echoed=text.upper())")])
+
+
+task = SlowEcho()

@@ -1,0 +1,176 @@
+"""The product end to end through the real CLI in subprocesses: Hydra, the Prefect flow against a real
+Prefect server, the sandbox, the scripted and the local-HTTP model paths, plugins, bad input, Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from rlm_pipelines.models.scripted import register_script
+from rlm_pipelines.tree import SCHEMA_FILE
+from rlm_tasks.monte_cristo import task as monte_cristo
+from rlm_tasks.monte_cristo.plot import COLOURS
+from tests.conftest import BOOK, PROJECT, cli
+from tests.fakes.openai_server import OpenAIServer
+
+NAMES = ["Dantès", "Danglars", "Fernand", "Villefort", "Mercédès"]
+
+
+def run_dir_of(cwd: Path) -> Path:
+    found = sorted((cwd / "outputs" / "runs").glob("*/*/*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def api(url, path, body=None):
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def check_monte_cristo_outputs(run_dir: Path):
+    run = json.loads((run_dir / "run.json").read_text())
+    jsonschema.validate(run, json.loads(SCHEMA_FILE.read_text()))
+    assert run["status"] == "ok" and run["usage"]["sandboxes"] == 1
+    first = run["root"]["iterations"][0]
+    assert first["stdout"].startswith("117 chapters,")  # every chapter reached the sandbox
+    fan_out = run["root"]["iterations"][1]
+    assert len(fan_out["children"]) == 39 and "39 calls" in fan_out["stdout"]
+    rows = json.loads((run_dir / "result.json").read_text())["wealth_data"]
+    assert {r["character"] for r in rows} == set(NAMES)
+    chapters = {r["chapter"] for r in rows}
+    assert {1, 117} <= chapters and len(chapters) > 100
+    series = json.loads((run_dir / "plots" / "wealth_trajectories.json").read_text())
+    assert all(len(series[name]["smoothed"]) > 50 for name in NAMES)
+    from PIL import Image
+
+    image = Image.open(run_dir / "plots" / "wealth_trajectories.png").convert("RGB")
+    assert image.size[0] >= 1000
+    import numpy as np
+
+    pixels = np.asarray(image).astype(int)
+    for colour in COLOURS[:5]:  # each of the five lines is really drawn
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(pixels - rgb).max(axis=2) < 12).sum() > 400, colour
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["llm_calls"] == 43 and summary["iterations"] == 4
+    return run
+
+
+def test_monte_cristo_scripted_through_the_cli_and_prefect(prefect_server, tmp_path):
+    done = cli(["task=monte_cristo", "model=scripted", f"task.source={BOOK}"], tmp_path, prefect_server["env"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "iteration 4/20" in done.stderr and "llm_query_batched x 39" in done.stderr
+    run = check_monte_cristo_outputs(run_dir_of(tmp_path))
+    assert run["model"] == "scripted/monte_cristo"
+    url = prefect_server["url"]
+    flow_runs = [r for r in api(url, "/flow_runs/filter", {"limit": 200}) if r["name"] == "monte_cristo-scripted"]
+    assert flow_runs and flow_runs[-1]["state_type"] == "COMPLETED"
+    tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_runs[-1]["id"]]}}})
+    assert {"prepare inputs", "run engine", "write outputs", "downstream steps"} <= {t["task_key"].split("-")[0]
+                                                                                    .replace("_", " ") or t["name"]
+                                                                                    for t in tasks} | \
+        {t["name"].rsplit("-", 1)[0] for t in tasks}
+    artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["rlm-run-summary"]}}})
+    assert any(a["flow_run_id"] == flow_runs[-1]["id"] for a in artifacts)
+
+
+def test_monte_cristo_through_a_local_openai_compatible_server(prefect_server, tmp_path):
+    """model=local: the real HTTP path. The server answers with the task's scripted replies."""
+    from rlm_pipelines.models import scripted
+
+    register_script("mc-http", monte_cristo.script(monte_cristo.params()))
+
+    def reply(request):
+        name = "scripted/mc-http.sub" if request["model"] == "mc-sub" else "scripted/mc-http"
+        return scripted.reply(name, request["messages"])
+
+    with OpenAIServer(reply=reply) as server:
+        done = cli(["task=monte_cristo", "model=local", f"model.api_base={server.url}", "model.model=openai/mc-root",
+                    "model.sub.model=openai/mc-sub", f"task.source={BOOK}"], tmp_path, prefect_server["env"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(server.requests) == 43
+    check_monte_cristo_outputs(run_dir_of(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory):
+    """The example plugin package, really installed (into a target dir put on PYTHONPATH)."""
+    site = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(PROJECT / "tests" / "plugin_example")], check=True)
+    return f"{site}{os.pathsep}{PROJECT}"
+
+
+def test_a_third_party_task_plugin_runs(plugin_path, tmp_path):
+    env = {"PYTHONPATH": plugin_path}
+    helped = cli(["--help"], tmp_path, env)
+    assert "slow_echo" in helped.stdout
+    done = cli(["task=slow_echo", "model=scripted", "task.text=plugged in", "orchestration.prefect=false"],
+               tmp_path, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run_dir_of(tmp_path) / "result.json").read_text()) == {"echoed": "PLUGGED IN"}
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["model=gemini_flash"], {"OPENROUTER_API_KEY": ""}, "set the environment variable OPENROUTER_API_KEY"),
+    (["model=scripted", "task.source=/no/such/book.txt"], {}, "task.source='/no/such/book.txt' is not a file"),
+    (["task=doc_qa", "model=scripted", "task.question=why", "task.documents=[/no/such/dir]"], {},
+     "matches no file"),
+    (["task=nope"], {}, "Could not find 'task/nope'"),
+    (["model=scripted", "limits.max_iterations=many"], {}, "could not be converted to Integer"),
+])
+def test_bad_input_fails_before_any_sandbox_with_a_clear_message(args, env, message, tmp_path):
+    done = cli(args, tmp_path, env, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not list(tmp_path.glob("outputs/runs/*/*/*/run.json"))
+
+
+def test_budget_exhaustion_is_recorded(tmp_path):
+    done = cli(["model=scripted", f"task.source={BOOK}", "limits.max_tokens=100000", "orchestration.prefect=false"],
+               tmp_path)
+    assert done.returncode == 1
+    run = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
+    assert run["status"] == "budget_exceeded" and "limits.max_tokens" in run["error"]
+    assert len(run["root"]["iterations"]) == 2  # the fan-out spent it; the next turn was refused
+
+
+def sandbox_processes():
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if b"/.rlm/server.py" in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_ctrl_c_leaves_a_cancelled_run_and_no_sandbox(plugin_path, prefect_server, tmp_path):
+    before = set(sandbox_processes())
+    env = {**os.environ, "PYTHONPATH": plugin_path, **prefect_server["env"]}
+    process = subprocess.Popen([sys.executable, "-m", "rlm_pipelines", "task=slow_echo", "model=scripted",
+                                "task.sleep_s=120"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (set(sandbox_processes()) - before) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert set(sandbox_processes()) - before, "the run never started its sandbox"
+    time.sleep(1)  # the slow cell is running
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    run = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
+    assert run["status"] == "cancelled"
+    assert set(sandbox_processes()) - before == set()
+    assert not [p for p in Path("/tmp").glob("rlm-dspy-*") if p.stat().st_mtime > time.time() - 300]
