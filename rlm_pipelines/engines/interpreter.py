@@ -28,7 +28,7 @@ from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreter
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
 from rlm_pipelines.repl.session import ReplError, ReplSession
-from rlm_pipelines.sandbox import SandboxError, make_sandbox
+from rlm_pipelines.sandbox import SandboxError, SandboxStartError, make_sandbox
 from rlm_pipelines.sandbox.base import Sandbox
 
 _IMMUTABLE = (str, bytes, int, float, bool, type(None), tuple, frozenset)
@@ -66,7 +66,9 @@ class SandboxInterpreter:
                     self.on_start(self.sandbox.id)
             except (SandboxError, ReplError, OSError) as exc:
                 self._stop_sandbox()
-                raise CodeInterpreterError(f"cannot start the sandbox: {exc}") from exc
+                # A sandbox that cannot start is an infrastructure failure: the pipeline may retry its step.
+                error = CodeInterpreterError(f"cannot start the sandbox: {exc}")
+                raise error from SandboxStartError(str(exc))
 
     def shutdown(self) -> None:
         with self._lock:

@@ -1,0 +1,62 @@
+"""Pipeline steps without the Prefect engine: the same steps, chained in-process."""
+
+import json
+
+from omegaconf import OmegaConf
+
+from rlm_pipelines.flows import is_transient_infra, run_steps
+from rlm_pipelines.models import ModelError
+from rlm_pipelines.sandbox import SandboxStartError
+from tests.test_config import composed
+
+
+def config(*overrides):
+    return OmegaConf.to_container(composed("model=scripted", "orchestration.prefect=false",
+                                           "orchestration.progress=false", *overrides), resolve=True)
+
+
+def test_doc_qa_answers_from_a_folder_of_documents(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ships.md").write_text("The Pharaon arrived at Marseilles. Its cargo was indigo and cochineal.")
+    (docs / "people.txt").write_text("Edmond Dantès was the first mate of the Pharaon. He loved Mercédès.")
+    (docs / "noise.txt").write_text("Nothing here matters at all.")
+    run_dir = tmp_path / "run"
+    summary = run_steps(config("task=doc_qa", f"task.documents=[{docs}]",
+                               "task.question='Who was the first mate of the Pharaon?'"), str(run_dir))
+    assert summary["status"] == "ok"
+    answer = json.loads((run_dir / "result.json").read_text())["answer"]
+    assert "Edmond Dantès was the first mate" in answer
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "ok" and run["usage"]["llm_calls"] == 3 + 3 + 1  # 3 turns, 3 documents, 1 combine
+    assert len(run["root"]["iterations"][1]["children"]) == 3
+
+
+def test_only_infrastructure_failures_are_retried(tmp_path):
+    transient = ModelError("model x failed after 4 attempts: 503")
+    transient.transient = True
+    assert is_transient_infra(transient)
+    try:
+        try:
+            raise SandboxStartError("bwrap: cannot create namespace")
+        except SandboxStartError as cause:
+            raise RuntimeError("cannot start the sandbox") from cause
+    except RuntimeError as wrapped:
+        assert is_transient_infra(wrapped)
+    assert not is_transient_infra(ModelError("model x failed: 401 invalid key"))
+    assert not is_transient_infra(NameError("name 'docs' is not defined"))
+
+
+def test_a_sandbox_that_cannot_start_is_retried_then_recorded(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    overrides = ("task=doc_qa", f"task.documents=[{__file__}]", "task.question=what",
+                 "sandbox.python=/no/such/python", "orchestration.retries=1", "orchestration.retry_delay_s=0",
+                 "orchestration.progress=true")
+    try:
+        run_steps(config(*overrides), str(run_dir))
+        raise AssertionError("the run should fail")
+    except Exception as exc:
+        assert "cannot start the sandbox" in str(exc)
+    assert "retrying the engine step" in capsys.readouterr().err
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "error" and "cannot start the sandbox" in run["error"]
