@@ -6,7 +6,7 @@ score. Built-in tasks live in `tasks/<name>/` (installed as `rlm_tasks.<name>`);
 tasks through the entry-point group `rlm_pipelines.tasks`, each entry pointing at a `Task` instance.
 
 Lifecycle of a task in a run:
-    1. discovered (`discover()`), its `params` schema stored in Hydra's ConfigStore as `task_schema/<name>`,
+    1. discovered (`discover()`), its `params` schema stored in Hydra's ConfigStore as `task_schema_<name>`,
        which `conf/task/<name>.yaml` extends (a third-party task without a yaml there: as `task/<name>`
        itself, so `task=<name>` works)
     2. `check(params)`: fail fast on bad input (a missing file), before any sandbox starts
@@ -77,8 +77,10 @@ def register_task_schemas(tasks: dict[str, Task], builtin_conf: Path) -> None:
     for name, task in tasks.items():
         if not dataclasses.is_dataclass(task.params):
             continue
-        has_yaml = (builtin_conf / "task" / f"{name}.yaml").is_file()
-        store.store(group="task_schema" if has_yaml else "task", name=name, node=task.params)
+        if (builtin_conf / "task" / f"{name}.yaml").is_file():  # the yaml extends it (kept out of --help)
+            store.store(name=f"task_schema_{name}", node=task.params)
+        else:
+            store.store(group="task", name=name, node=task.params)
 
 
 def resolve(cfg: DictConfig, tasks: Optional[dict[str, Task]] = None) -> tuple[Task, Any]:
