@@ -40,14 +40,17 @@ SERVER = Path(__file__).resolve().parent.parent / "repl" / "server.py"
 WORKDIR = "/workspace"
 # /etc entries programs need to run; nothing with secrets. resolv.conf/hosts only with network.
 ETC_FILES = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf",
-             "ssl", "ca-certificates", "mime.types", "gitconfig")
+             "ssl", "ca-certificates", "mime.types")
 ETC_NETWORK = ("resolv.conf", "hosts", "gai.conf")
 OUTPUT_CAP = 8 * 1024 * 1024  # run() output kept in host memory, at most
 
 
 class LocalSandbox:
-    def __init__(self, config: Optional[SandboxConfig] = None, name: str = "sbx"):
+    def __init__(self, config: Optional[SandboxConfig] = None, name: str = "sbx",
+                 mounts: Optional[dict[str, str]] = None):
+        """`mounts`: host path -> path inside, bound read-only (e.g. a repo mirror to clone from)."""
         self.config = config or SandboxConfig()
+        self.mounts = dict(mounts or {})
         self.id = f"{name}-{uuid.uuid4().hex[:8]}"
         self.isolation = _resolve_isolation(self.config.isolation)
         self.workdir = WORKDIR
@@ -131,6 +134,8 @@ class LocalSandbox:
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--bind", str(root / "workspace"), WORKDIR, "--bind", str(root / "tmp"), "/tmp",
                  "--proc", "/proc", "--dev", "/dev", "--chdir", cwd or WORKDIR]
+        for host, inside in self.mounts.items():
+            argv += ["--ro-bind", host, inside]
         for key, value in env.items():
             argv += ["--setenv", key, value]
         argv.append("--")
@@ -244,7 +249,10 @@ class LocalSandbox:
 
 def _environment(cfg: SandboxConfig, workdir: str, tmpdir: str) -> dict[str, str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
-           "PYTHONIOENCODING": "utf-8", "GIT_AUTHOR_NAME": "rlm-agent", "GIT_AUTHOR_EMAIL": "agent@rlm.invalid",
+           "PYTHONIOENCODING": "utf-8", "GIT_CONFIG_NOSYSTEM": "1",
+           # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
+           "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*",
+           "GIT_AUTHOR_NAME": "rlm-agent", "GIT_AUTHOR_EMAIL": "agent@rlm.invalid",
            "GIT_COMMITTER_NAME": "rlm-agent", "GIT_COMMITTER_EMAIL": "agent@rlm.invalid"}
     env.update({name: os.environ[name] for name in cfg.pass_env if name in os.environ})
     env.update({str(k): str(v) for k, v in cfg.env.items()})
