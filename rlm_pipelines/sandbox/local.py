@@ -85,6 +85,8 @@ class LocalSandbox:
             (root / "etc" / "passwd").write_text(f"root:x:0:0::/root:/bin/sh\nsandbox:x:{user}:{user}::"
                                                  f"{WORKDIR}:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
             (root / "etc" / "group").write_text(f"root:x:0:\nsandbox:x:{user}:\nnogroup:x:65534:\n")
+            # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
+            (root / "etc" / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
             self.root = root
 
     def stop(self) -> None:
@@ -132,6 +134,7 @@ class LocalSandbox:
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER), "/.rlm/server.py",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
+                 "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
                  "--bind", str(root / "workspace"), WORKDIR, "--bind", str(root / "tmp"), "/tmp",
                  "--proc", "/proc", "--dev", "/dev", "--chdir", cwd or WORKDIR]
         for host, inside in self.mounts.items():
@@ -249,9 +252,7 @@ class LocalSandbox:
 
 def _environment(cfg: SandboxConfig, workdir: str, tmpdir: str) -> dict[str, str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
-           "PYTHONIOENCODING": "utf-8", "GIT_CONFIG_NOSYSTEM": "1",
-           # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
-           "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*",
+           "PYTHONIOENCODING": "utf-8",
            "GIT_AUTHOR_NAME": "rlm-agent", "GIT_AUTHOR_EMAIL": "agent@rlm.invalid",
            "GIT_COMMITTER_NAME": "rlm-agent", "GIT_COMMITTER_EMAIL": "agent@rlm.invalid"}
     env.update({name: os.environ[name] for name in cfg.pass_env if name in os.environ})
@@ -260,7 +261,8 @@ def _environment(cfg: SandboxConfig, workdir: str, tmpdir: str) -> dict[str, str
 
 
 def _system_mounts(network: bool) -> list[str]:
-    argv = ["--ro-bind", "/usr", "/usr"]
+    # Directories bwrap makes for single-file binds are root-only unless told otherwise.
+    argv = ["--ro-bind", "/usr", "/usr", "--perms", "0755", "--dir", "/etc"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = Path("/") / name
         if path.is_symlink():
