@@ -103,6 +103,8 @@ class LimitsConfig:
     wall_time_s: float = 3600.0  # the whole run
     max_output_chars: int = 10_000  # a cell's output as shown to the model (head + tail kept)
     concurrency: int = 32  # parallel llm_query_batched calls (and sub-agents)
+    result_truncation_limit: int = 8000  # characters of a sub-agent's findings its parent sees
+    history_chars: int = 60_000  # characters of past turns in an agent's prompt (older turns dropped)
 
 
 @dataclass

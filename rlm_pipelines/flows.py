@@ -40,6 +40,9 @@ class Run:
     inputs: dict[str, Any] = field(default_factory=dict)
     result: Optional[dict[str, Any]] = None
     files: list[str] = field(default_factory=list)
+    patch: bytes = b""
+    patch_ok: Optional[bool] = None
+    wrap_agent: Any = None  # repo engine: how each agent runs (the Prefect flow makes it a task run)
 
 
 def _typed(config: dict[str, Any]) -> RunConfig:
@@ -63,6 +66,8 @@ def open_run(config: dict[str, Any], run_dir: str) -> Run:
 
 def prepare_inputs(run: Run) -> dict[str, Any]:
     started = time.perf_counter()
+    if run.task.engine == "repo":  # the repo itself is the input: agents check it out themselves
+        return {"repo": run.params.repo}
     run.inputs = run.task.build_inputs(run.params)
     sizes = {k: (len(v) if isinstance(v, (list, str)) else 1) for k, v in run.inputs.items()}
     run.progress.line(f"inputs ready in {time.perf_counter() - started:.1f} s: {sizes}")
@@ -74,16 +79,35 @@ def run_engine(run: Run) -> dict[str, Any]:
         from rlm_pipelines.engines.document import run_document
 
         result = run_document(run.task, run.params, run.inputs, run.cfg, run.tree, run.budget, run.progress)
+    elif run.task.engine == "repo":
+        from rlm_pipelines.engines.checkout import patch_applies
+        from rlm_pipelines.engines.repo import run_repo
+
+        result, run.patch, mirror, commit = run_repo(run.task, run.params, run.cfg, run.tree, run.budget,
+                                                     run.progress, run.wrap_agent)
+        if run.patch:
+            run.patch_ok, message = patch_applies(mirror, commit, run.patch)
+            run.tree.run["patch"] = {"bytes": len(run.patch), "applies": run.patch_ok, "check": message}
     else:
-        raise ValueError(f"task {run.task.name!r} needs the {run.task.engine!r} engine, which is not built yet")
+        raise ValueError(f"task {run.task.name!r} names an unknown engine {run.task.engine!r}")
     run.result = run.task.normalize(result, run.params)
     return run.result
 
 
 def write_outputs(run: Run) -> list[str]:
     (run.run_dir / "result.json").write_text(json.dumps(run.result, ensure_ascii=False, indent=1, default=str))
-    run.files.append("result.json")
-    return ["result.json"]
+    files = ["result.json"]
+    if run.patch:
+        # A patch that does not apply to a fresh checkout is kept for reading, under a name that says so.
+        name = "patch.diff" if run.patch_ok else "patch.rejected.diff"
+        (run.run_dir / name).write_bytes(run.patch)
+        files.append(name)
+        out = getattr(run.params, "patch_out", None)
+        if out and run.patch_ok:
+            Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            Path(out).expanduser().write_bytes(run.patch)
+    run.files.extend(files)
+    return files
 
 
 def downstream(run: Run) -> list[str]:
@@ -96,14 +120,14 @@ def summarize(run: Run) -> dict[str, Any]:
     """summary.json: the figures a person compares runs by."""
     tree = run.tree.run
     usage = run.budget.ledger.snapshot()
-    root = tree.get("root") or {}
     score = None
     if run.result is not None:
         score = run.task.score(run.result, run.inputs, run.params)
     summary = {
         "run_id": tree["id"], "task": tree["task"], "engine": tree["engine"], "model": tree["model"],
         "model_name": tree.get("model_name"), "status": tree["status"], "error": tree["error"],
-        "iterations": len(root.get("iterations", [])), "agents": run.tree.agents,
+        "iterations": run.tree.iterations, "agents": run.tree.agents, "max_depth": run.tree.max_depth,
+        "patch": {"bytes": len(run.patch), "applies": run.patch_ok} if run.patch else None,
         "llm_calls": usage["calls"], "tokens": usage["tokens"], "prompt_tokens": usage["prompt_tokens"],
         "completion_tokens": usage["completion_tokens"], "cost_usd": usage["cost_usd"],
         "wall_time_s": tree["duration_s"], "score": score, "run_dir": str(run.run_dir.resolve()),

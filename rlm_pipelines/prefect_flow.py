@@ -38,9 +38,15 @@ def _artifacts(summary: dict[str, Any]) -> None:
                              markdown=f"### Outputs of run {summary['run_id']}\n\n`{summary['run_dir']}`\n\n{links}\n")
 
 
+def _agent_task_runs(run_agent: Any) -> Any:
+    """Repo engine: every agent is a task run of its own, so the UI shows the tree of agents."""
+    return task(run_agent, name="agent", cache_policy=NONE, task_run_name="agent-depth{depth}")
+
+
 @flow(name="rlm-run", flow_run_name="{config[task][name]}-{config[model][name]}", log_prints=True)
 def rlm_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     run = flows.open_run(config, run_dir)
+    run.wrap_agent = _agent_task_runs
     retries = run.cfg.orchestration.retries
     try:
         prepare_step(run)

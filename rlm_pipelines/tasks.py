@@ -41,6 +41,14 @@ class Task:
     def build_inputs(self, params: Any) -> dict[str, Any]:
         raise NotImplementedError
 
+    def prompt(self, params: Any) -> str:
+        """Repo engine: the root agent's task."""
+        raise NotImplementedError
+
+    def parse_result(self, text: str, params: Any) -> dict[str, Any]:
+        """Repo engine: the root agent's FINAL answer as the run's result."""
+        return {"answer": text}
+
     def script(self, params: Any) -> Any:
         """The scripted policy (a `rlm_pipelines.models.scripted.Script`) for `model=scripted`."""
         raise NotImplementedError(f"task {self.name!r} has no scripted policy")
@@ -93,3 +101,21 @@ def resolve(cfg: DictConfig, tasks: Optional[dict[str, Task]] = None) -> tuple[T
     task = tasks[name]
     params = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(task.params), cfg.task))
     return task, params
+
+
+@dataclasses.dataclass
+class RepoParams:
+    """What every repo-engine task takes; tasks extend it."""
+
+    name: str = ""
+    engine: str = "repo"
+    repo: str = ""  # a git URL or the path of a local git repository
+    branch: Optional[str] = None  # null = the default branch
+    commit: Optional[str] = None  # null = the branch's head; else every agent checks out this commit
+    prompt: str = ""  # what the root agent is asked to do (tasks have a default)
+    patch_out: Optional[str] = None  # also copy the patch here (besides the run folder's patch.diff)
+
+
+def check_repo(params: RepoParams) -> None:
+    if not params.repo:
+        raise ValueError(f"task.repo is empty: give a git URL or a local repository path, e.g. task.repo=.")

@@ -78,9 +78,9 @@ class RunTree:
         with self._lock:
             node = self._nodes[node_id]
             text = result if isinstance(result, str) else None
+            fields.setdefault("result_truncated", bool(text is not None and len(text) > TEXT_LIMIT))
             node.update(status=status, ended_at=_now(), error=error, **fields,
-                        result=clip(text) if text is not None else result,
-                        result_truncated=bool(text is not None and len(text) > TEXT_LIMIT))
+                        result=clip(text) if text is not None else result)
             node["duration_s"] = round(time.monotonic() - self._clock[node_id], 3)
 
     def update_node(self, node_id: str, **fields: Any) -> None:
@@ -123,6 +123,14 @@ class RunTree:
     @property
     def agents(self) -> int:
         return sum(node["kind"] == "agent" for node in self._nodes.values())
+
+    @property
+    def iterations(self) -> int:
+        return sum(len(node["iterations"]) for node in self._nodes.values())
+
+    @property
+    def max_depth(self) -> int:
+        return max((node["depth"] for node in self._nodes.values() if node["kind"] == "agent"), default=0)
 
 
 def _now() -> str:

@@ -97,15 +97,18 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(status, int) and (status == 429 or status >= 500)
 
 
-def with_retries(call: Callable[[], T], retries: int, what: str) -> tuple[T, int]:
-    """Run `call`, retrying transient errors with exponential backoff; returns (result, attempts)."""
+def with_retries(call: Callable[[], T], retries: int, what: str,
+                 deadline: Optional[float] = None) -> tuple[T, int]:
+    """Run `call`, retrying transient errors with exponential backoff; returns (result, attempts). No retry
+    starts after `deadline` (time.monotonic())."""
     for attempt in range(retries + 1):
         try:
             return call(), attempt + 1
         except Exception as exc:
-            if attempt >= retries or not is_transient(exc):
-                raise _as_model_error(exc, what, attempt + 1) from exc
             delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt) * (0.5 + random.random() / 2)
+            late = deadline is not None and time.monotonic() + delay >= deadline
+            if attempt >= retries or not is_transient(exc) or late:
+                raise _as_model_error(exc, what, attempt + 1) from exc
             log.warning("%s: transient error (%s), retry %d/%d in %.1f s", what, _short(exc), attempt + 1,
                         retries, delay)
             time.sleep(delay)
@@ -146,7 +149,9 @@ class LLMClient:
         self.ledger = ledger if ledger is not None else UsageLedger()
         register_prices(spec)
 
-    def complete(self, messages: Union[str, list[dict[str, Any]]], **overrides: Any) -> Completion:
+    def complete(self, messages: Union[str, list[dict[str, Any]]], deadline: Optional[float] = None,
+                 **overrides: Any) -> Completion:
+        """One chat completion. `overrides` go to litellm (e.g. timeout=); no retry starts after `deadline`."""
         import litellm
 
         if isinstance(messages, str):
@@ -158,7 +163,7 @@ class LLMClient:
             return litellm.completion(model=self.spec.model, messages=messages, num_retries=0, **kwargs)
 
         try:
-            response, attempts = with_retries(once, self.spec.num_retries, f"model {self.spec.model}")
+            response, attempts = with_retries(once, self.spec.num_retries, f"model {self.spec.model}", deadline)
         except ModelError as exc:
             self.ledger.add(CallRecord(self.spec.model, duration_s=time.perf_counter() - started, ok=False,
                                        error=str(exc), attempts=getattr(exc, "attempts", 1)))

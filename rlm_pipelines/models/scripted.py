@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Protocol
 
 SUB_SUFFIX = ".sub"
 _ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
+_REPO_ITERATION = re.compile(r"\[iteration (\d+)/\d+\]")
 
 
 @dataclass
@@ -57,6 +58,21 @@ class TurnScript:
         return self.sub_answer(prompt)
 
 
+class DepthScript(TurnScript):
+    """Root turns chosen by the agent's depth in a repo-engine tree (read from its system prompt)."""
+
+    DEPTH = re.compile(r"depth (\d+) of at most")
+
+    def __init__(self, turns_by_depth: dict[int, list[Turn]]):
+        super().__init__([])
+        self.turns_by_depth = turns_by_depth
+
+    def root(self, index: int, messages: list[dict[str, Any]]) -> Turn:
+        found = self.DEPTH.search(_content(messages[0])) if messages else None
+        depth = min(int(found.group(1)) if found else 0, max(self.turns_by_depth))
+        return TurnScript(self.turns_by_depth[depth]).root(index, messages)
+
+
 _scripts: dict[str, Script] = {}
 
 
@@ -81,7 +97,9 @@ def reply(model: str, messages: list[dict[str, Any]]) -> str:
         turn = script.root(int(found[-1]) - 1, messages)
         return (f"[[ ## reasoning ## ]]\n{turn.reasoning or 'Scripted step.'}\n\n"
                 f"[[ ## code ## ]]\n```python\n{turn.code}\n```\n\n[[ ## completed ## ]]")
-    turn = script.root(sum(m.get("role") == "assistant" for m in messages), messages)
+    found = _REPO_ITERATION.findall(_content(messages[-1])) if messages else []
+    index = int(found[-1]) - 1 if found else sum(m.get("role") == "assistant" for m in messages)
+    turn = script.root(index, messages)
     return f"{turn.reasoning}\n\n```python\n{turn.code}\n```".strip()
 
 

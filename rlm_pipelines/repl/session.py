@@ -18,11 +18,13 @@ injected inputs restored and a notice at the top of its output.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import itertools
 import json
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator, Optional, Protocol
@@ -123,6 +125,11 @@ class ReplSession:
         self._registration: Optional[dict[str, Any]] = None
         self._vars: dict[str, Any] = {}
         self._lost: str = ""  # why the previous server died, told to the model once
+        self._inflight = 0  # host calls being answered right now (a cell waiting on them is not stuck)
+        # Host functions run in the context of whoever runs the cell (e.g. a Prefect task run), so what
+        # they start is attributed to it.
+        self._cell_context = contextvars.copy_context()
+        self._inflight_lock = threading.Lock()
         self._closed = False
         self._conn = self._connect()
 
@@ -205,18 +212,22 @@ class ReplSession:
 
     # -- cells
 
-    def execute(self, code: str, timeout_s: Optional[float] = None) -> CellResult:
+    def execute(self, code: str, timeout_s: Optional[float] = None, deadline: Optional[float] = None) -> CellResult:
         """Run one cell. The model's own errors come back in the result; ReplError only if the server cannot
-        be started at all."""
+        be started at all.
+
+        `timeout_s` bounds the cell's own work: while the cell waits on a host call (a sub-agent, say) its
+        limit is extended. `deadline` (time.monotonic()) is absolute and never extended: the run's end."""
         timeout = self.config.cell_timeout_s if timeout_s is None else timeout_s
         with self._lock:
             self._ensure_alive()
             notice, self._lost = self._lost, ""
+            self._cell_context = contextvars.copy_context()
             cell_id = next(self._ids)
             conn = self._conn
             future = conn.request({"type": "exec", "id": cell_id, "code": code})
             try:
-                result = CellResult.from_message(future.result(timeout=timeout))
+                result = CellResult.from_message(self._wait(future, timeout, deadline))
             except FutureTimeout:
                 result = self._stop_overdue(conn, cell_id, future, timeout)
             except ReplDied as exc:
@@ -226,6 +237,17 @@ class ReplSession:
                                                     f"runs in a fresh REPL with the inputs injected again."))
             result.notice = notice
             return result
+
+    def _wait(self, future: Future, timeout: float, deadline: Optional[float]) -> dict[str, Any]:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise FutureTimeout
+            try:
+                return future.result(timeout=timeout if left is None else min(timeout, left))
+            except FutureTimeout:
+                if self._inflight == 0 or (deadline is not None and time.monotonic() >= deadline):
+                    raise
 
     def _stop_overdue(self, conn: _Connection, cell_id: int, future: Future, timeout: float) -> CellResult:
         conn.transport.send({"type": "interrupt", "id": cell_id})
@@ -261,13 +283,15 @@ class ReplSession:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.config.host_workers, thread_name_prefix="repl-call")
         try:
-            self._pool.submit(self._answer, conn, message)
+            self._pool.submit(self._cell_context.copy().run, self._answer, conn, message)
         except RuntimeError:  # pool shut down: the session is closing
             pass
 
     def _answer(self, conn: _Connection, message: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"type": "reply", "call_id": message.get("call_id")}
         name = message.get("name")
+        with self._inflight_lock:
+            self._inflight += 1
         try:
             function = self._tools.get(name)
             if function is None:
@@ -277,6 +301,9 @@ class ReplSession:
             reply["value"] = value
         except Exception as exc:
             reply["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
         if not conn.dead:
             try:
                 conn.transport.send(reply)

@@ -1,0 +1,90 @@
+"""Repo checkouts for the repo engine: one mirror per repo URL, cloned once and fetched once per run;
+every agent's fresh checkout is a `git clone --shared` of it made inside the agent's own sandbox (the
+mirror is mounted read-only), so a checkout costs milliseconds and never touches the network."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+MIRROR_IN_SANDBOX = "/mirror"
+REPO_IN_SANDBOX = "/workspace/repo"
+
+
+class CheckoutError(ValueError):
+    """The repo, branch or commit cannot be had; the message says which and what to do."""
+
+
+def _git(*args: str, cwd: Optional[Path] = None, input_: Optional[bytes] = None,
+         timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+    return subprocess.run(["git", *args], cwd=cwd, input=input_, capture_output=True, timeout=timeout, env=env)
+
+
+def mirror_cache() -> Path:
+    return Path(os.environ.get("RLM_CACHE_DIR") or Path.home() / ".cache" / "rlm-pipelines") / "mirrors"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # two runs on one repo share the mirror, one fetch at a time
+        yield
+
+
+def prepare_mirror(repo: str, branch: Optional[str], commit: Optional[str]) -> tuple[Path, str]:
+    """(the mirror's path, the commit every agent checks out). Clones or fetches the mirror first."""
+    source = str(Path(repo).expanduser().resolve()) if Path(repo).expanduser().exists() else repo
+    mirror = mirror_cache() / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".git")
+    with _locked(mirror):
+        if (mirror / "HEAD").is_file():
+            done = _git("fetch", "--prune", "--quiet", "origin", cwd=mirror)
+            if done.returncode != 0:  # a stale mirror still serves known commits; say so but go on
+                print(f"warning: could not update the mirror of {repo}: {done.stderr.decode().strip()}")
+        else:
+            tmp = mirror.with_name(mirror.name + ".part")
+            shutil.rmtree(tmp, ignore_errors=True)
+            done = _git("clone", "--mirror", "--quiet", source, str(tmp))
+            if done.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckoutError(f"cannot clone task.repo={repo!r}: {done.stderr.decode().strip()} - give a git "
+                                    f"URL or the path of a local git repository")
+            tmp.rename(mirror)
+    if commit:
+        ref, what = f"{commit}^{{commit}}", f"task.commit={commit!r}"
+    elif branch:
+        ref, what = f"refs/heads/{branch}^{{commit}}", f"task.branch={branch!r}"
+    else:
+        ref, what = "HEAD^{commit}", "the default branch"
+    done = _git("rev-parse", "--verify", "--quiet", ref, cwd=mirror)
+    if done.returncode != 0:
+        branches = _git("for-each-ref", "--format=%(refname:short)", "refs/heads", cwd=mirror).stdout.decode().split()
+        raise CheckoutError(f"{what} is not in {repo!r} (branches: {', '.join(branches[:20]) or 'none'})")
+    return mirror, done.stdout.decode().strip()
+
+
+def checkout_command(commit: str) -> str:
+    """Shell command run inside an agent's sandbox to make its fresh checkout at `commit`."""
+    return (f"git clone --quiet --shared --no-checkout {MIRROR_IN_SANDBOX} {REPO_IN_SANDBOX} && "
+            f"cd {REPO_IN_SANDBOX} && git checkout --quiet --detach {commit}")
+
+
+def patch_applies(mirror: Path, commit: str, patch: bytes) -> tuple[bool, str]:
+    """Check a patch with `git apply --check` on a fresh checkout of `commit` (a temp dir, removed)."""
+    with tempfile.TemporaryDirectory(prefix="rlm-patch-check-") as tmp:
+        work = Path(tmp) / "repo"
+        for args in (("clone", "--quiet", "--shared", "--no-checkout", str(mirror), str(work)),
+                     ("-C", str(work), "checkout", "--quiet", "--detach", commit)):
+            done = _git(*args)
+            if done.returncode != 0:
+                return False, done.stderr.decode().strip()
+        done = _git("apply", "--check", "--whitespace=nowarn", "-", cwd=work, input_=patch)
+        return done.returncode == 0, done.stderr.decode().strip()

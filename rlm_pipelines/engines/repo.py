@@ -1,0 +1,319 @@
+"""The repo engine: recursive agents on a git checkout, each in its own sandbox with its own fresh checkout.
+
+An agent iterates: prompt (system prompt by depth, its task, a bounded history of code and output) ->
+model -> code blocks -> REPL -> record, until FINAL / FINAL_VAR. `rlm_query` / `rlm_query_batched` in its
+REPL run child agents (the batch in parallel), whose findings come back as strings.
+
+Limits that hold for the whole tree: `max_depth` (at the limit rlm_query tells the model instead of
+spawning), `max_sandboxes` (a slot is reserved before a sandbox is made and freed if making it fails),
+`max_iterations` per agent, tokens / dollars / wall time shared by all agents (children get what remains),
+and the wall-time deadline applies inside cells, model calls and children alike.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rlm_pipelines.budget import BudgetExceeded
+from rlm_pipelines.engines import checkout, prompts
+from rlm_pipelines.models import LLMClient, ModelError
+from rlm_pipelines.sandbox import SandboxStartError, make_sandbox
+from rlm_pipelines.tree import clip
+
+CODE_BLOCK = re.compile(r"```(?:python|py|repl)[ \t]*\n(.*?)```", re.DOTALL)
+HELPERS = (Path(__file__).parent / "sandbox_helpers.py").read_text(encoding="utf-8")
+
+
+class Cancelled(Exception):
+    """The run was stopped (Ctrl-C or another agent hit a run-wide limit)."""
+
+
+@dataclass
+class AgentResult:
+    text: str
+    status: str
+    truncated: bool = False
+    patch: bytes = b""
+
+
+class RepoRun:
+    """Everything the agents of one run share: model, tree, budget, sandbox slots, the stop signal."""
+
+    def __init__(self, cfg: Any, tree: Any, budget: Any, progress: Any, mirror: Path, commit: str):
+        self.cfg, self.tree, self.budget, self.progress = cfg, tree, budget, progress
+        self.limits = cfg.limits
+        self.mirror, self.commit = mirror, commit
+        self.llm = LLMClient(cfg.model, budget.ledger)
+        self.deadline = time.monotonic() + self.limits.wall_time_s
+        self.stop = threading.Event()
+        self.stop_reason: Optional[BudgetExceeded] = None
+        self._slots = 0
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._live: set[Any] = set()
+        self.wrap_agent: Callable[[Callable[..., AgentResult]], Callable[..., AgentResult]] = lambda f: f
+
+    # -- shared limits
+
+    def check(self) -> None:
+        """Raise when the run must end: stopped elsewhere, or a run-wide budget is spent."""
+        if self.stop.is_set():
+            raise self.stop_reason or Cancelled("the run was stopped")
+        try:
+            self.budget.check()
+        except BudgetExceeded as exc:
+            self.halt(exc)
+            raise
+
+    def halt(self, reason: Optional[BudgetExceeded] = None) -> None:
+        """Stop every agent: interrupt running cells; the agents then end and free their sandboxes."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            live = list(self._live)
+        self.stop.set()
+        for session in live:
+            try:
+                session.interrupt()
+            except OSError:
+                pass
+
+    def _reserve_slot(self) -> bool:
+        with self._lock:
+            if self._slots >= self.limits.max_sandboxes:
+                return False
+            self._slots += 1
+            return True
+
+    def _free_slot(self) -> None:
+        with self._idle:
+            self._slots -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> None:
+        """After halt(): wait until every agent has stopped its sandbox."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._slots == 0, timeout=timeout)
+
+    # -- agents
+
+    def spawn(self, task: str, parent_id: Optional[str], depth: int) -> AgentResult:
+        return self.wrap_agent(self.run_agent)(task, parent_id, depth)
+
+    def run_agent(self, task: str, parent_id: Optional[str], depth: int) -> AgentResult:
+        agent = self.tree.add_node("agent", task, parent_id)
+        if not self._reserve_slot():
+            message = (f"[sub-agent not started: the run's sandbox budget limits.max_sandboxes="
+                       f"{self.limits.max_sandboxes} is spent; do this part yourself]")
+            self.tree.end_node(agent, "budget_exceeded", result=message, error="max_sandboxes reached")
+            return AgentResult(message, "budget_exceeded")
+        sandbox = None
+        try:
+            mounts = {str(self.mirror): checkout.MIRROR_IN_SANDBOX}
+            sandbox = make_sandbox(self.cfg.sandbox, name=f"agent-{agent}", mounts=mounts)
+            sandbox.start()
+            self.tree.update_node(agent, sandbox_id=sandbox.id)
+            self.tree.set_usage({"sandboxes": self.tree.run["usage"]["sandboxes"] + 1})
+            code, out = sandbox.run(checkout.checkout_command(self.commit), timeout=300)
+            if code != 0:
+                raise SandboxStartError(f"checkout of {self.commit[:12]} failed in the sandbox: {out.strip()[-500:]}")
+            return Agent(self, agent, task, depth, sandbox).run()
+        except Cancelled as exc:
+            self.tree.end_node(agent, "cancelled", error=str(exc))
+            raise
+        except BudgetExceeded as exc:
+            self.tree.end_node(agent, exc.status, error=str(exc))
+            raise
+        except BaseException as exc:
+            self.tree.end_node(agent, "cancelled" if isinstance(exc, KeyboardInterrupt) else "error",
+                               error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            if sandbox is not None:
+                sandbox.stop()
+            self._free_slot()
+
+
+class Agent:
+    def __init__(self, run: RepoRun, node_id: str, task: str, depth: int, sandbox: Any):
+        self.shared, self.node_id, self.task, self.depth, self.sandbox = run, node_id, task, depth, sandbox
+        self.limits = run.limits
+
+    def _tools(self) -> dict[str, Callable[..., Any]]:
+        run, depth, limit = self.shared, self.depth, self.limits.result_truncation_limit
+
+        def rlm_query(task: str) -> str:
+            """Run a sub-agent on `task` in its own sandbox and checkout; returns its findings."""
+            if depth + 1 > run.limits.max_depth:
+                return (f"[rlm_query refused: the depth limit limits.max_depth={run.limits.max_depth} is reached; "
+                        f"do this part yourself]")
+            try:
+                result = run.spawn(task, self.node_id, depth + 1)
+            except (Cancelled, BudgetExceeded) as exc:
+                return f"[sub-agent stopped: {exc}]"
+            except Exception as exc:
+                return f"[sub-agent failed: {type(exc).__name__}: {exc}]"
+            text = result.text
+            if len(text) > limit:
+                text = text[:limit] + f"\n[... cut: {len(result.text) - limit} more characters]"
+            return text
+
+        def rlm_query_batched(tasks: list[str]) -> list[str]:
+            """Run one sub-agent per task, in parallel; returns their findings in order."""
+            if not tasks:
+                return []
+            with ThreadPoolExecutor(min(len(tasks), run.limits.concurrency)) as pool:
+                futures = [pool.submit(contextvars.copy_context().run, rlm_query, t) for t in tasks]
+                return [f.result() for f in futures]
+
+        return {"rlm_query": rlm_query, "rlm_query_batched": rlm_query_batched}
+
+    def run(self) -> AgentResult:
+        run, limits = self.shared, self.limits
+        session = self.sandbox.open_repl()
+        with run._lock:
+            run._live.add(session)
+        try:
+            session.register(self._tools(), final=True)
+            session.set_vars({"task": self.task, "depth": self.depth})
+            session.execute(HELPERS)
+            system = prompts.load("repo_system").format(
+                depth=self.depth, max_depth=limits.max_depth, cell_timeout=f"{run.cfg.sandbox.repl.cell_timeout_s:g}",
+                spawn_note="" if self.depth < limits.max_depth else
+                "(You are at the depth limit: rlm_query will refuse; do the work yourself.)")
+            history: list[dict[str, str]] = []
+            observation = f"Your task:\n{self.task}"  # each observation is headed [iteration N/M]
+            for index in range(limits.max_iterations):
+                run.check()
+                final, observation = self._iterate(session, system, history, observation, index)
+                if final is not None:
+                    return self._finish(final)
+            message = f"[no FINAL after limits.max_iterations={limits.max_iterations} iterations]"
+            run.tree.end_node(self.node_id, "error", result=message, error="max_iterations reached")
+            return AgentResult(message, "error")
+        finally:
+            with run._lock:
+                run._live.discard(session)
+
+    def _iterate(self, session: Any, system: str, history: list[dict[str, str]], observation: str,
+                 index: int) -> tuple[Optional[dict[str, Any]], str]:
+        run, limits = self.shared, self.limits
+        observation = f"[iteration {index + 1}/{limits.max_iterations}]\n{observation}"
+        history.append({"role": "user", "content": observation})
+        messages = [{"role": "system", "content": system}, *_bounded(history, limits.history_chars)]
+        started = time.perf_counter()
+        before = run.budget.ledger.snapshot()
+        remaining = run.deadline - time.monotonic()
+        try:
+            reply = run.llm.complete(messages, timeout=max(1.0, min(run.cfg.model.timeout_s, remaining)),
+                                     deadline=run.deadline).text
+        except ModelError:
+            if time.monotonic() >= run.deadline:
+                run.check()  # the deadline passed during the call: a timeout, not a model failure
+            raise
+        history.append({"role": "assistant", "content": reply})
+        blocks = [b.strip() for b in CODE_BLOCK.findall(reply) if b.strip()]
+        outputs, final, stdout, stderr, errors = [], None, [], [], []
+        if not blocks:
+            outputs.append(prompts.load("repo_no_code"))
+        for block in blocks:
+            result = session.execute(block, timeout_s=run.cfg.sandbox.repl.cell_timeout_s, deadline=run.deadline)
+            stdout.append(result.stdout)
+            stderr.append(result.stderr)
+            if result.error is not None:
+                errors.append(str(result.error))
+            outputs.append(_clip_middle(result.output(), limits.max_output_chars) or "(no output)")
+            if result.final is not None:
+                final = result.final
+                break
+            if result.error is not None:
+                break  # later blocks probably depend on this one
+        after = run.budget.ledger.snapshot()
+        run.tree.add_iteration(self.node_id, prompt=observation, response=reply, code="\n\n".join(blocks),
+                               stdout="".join(stdout), stderr="".join(stderr) or None,
+                               error="\n".join(errors) or None, duration_s=round(time.perf_counter() - started, 3),
+                               usage={"tokens": after["tokens"] - before["tokens"],
+                                      "cost_usd": round(after["cost_usd"] - before["cost_usd"], 6)})
+        run.tree.set_usage({"tokens": after["tokens"], "prompt_tokens": after["prompt_tokens"],
+                            "completion_tokens": after["completion_tokens"], "cost_usd": after["cost_usd"],
+                            "llm_calls": after["calls"]})
+        run.progress.iteration(f"agent {self.node_id} (depth {self.depth})", index + 1, limits.max_iterations,
+                               time.perf_counter() - started, after, "error" if errors else "ok")
+        return final, "\n\n".join(f"Output of block {i + 1}:\n{o}" for i, o in enumerate(outputs))
+
+    def _finish(self, final: dict[str, Any]) -> AgentResult:
+        value = final.get("value")
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
+        patch = b""
+        if self.depth == 0:  # the root's changes, new files included, as a binary-safe diff
+            code, out = self.sandbox.run(f"cd {checkout.REPO_IN_SANDBOX} && git add -A && "
+                                         f"git diff --cached --binary {self.shared.commit} > /tmp/rlm.patch", timeout=120)
+            if code != 0:
+                raise RuntimeError(f"could not make the patch: {out.strip()[-500:]}")
+            patch = self.sandbox.download("/tmp/rlm.patch")
+        limit = self.limits.result_truncation_limit
+        truncated = self.depth > 0 and len(text) > limit
+        self.shared.tree.end_node(self.node_id, "ok", result=text, result_truncated=truncated)
+        return AgentResult(text, "ok", truncated, patch)
+
+
+def _bounded(history: list[dict[str, str]], budget_chars: int) -> list[dict[str, str]]:
+    """The first message (the task) and as many of the latest turns as fit, so a long run never overflows the
+    model's context; a note says what was left out."""
+    first, rest = history[0], history[1:]
+    kept: list[dict[str, str]] = []
+    used = len(first["content"])
+    for message in reversed(rest):
+        used += len(message["content"])
+        if used > budget_chars and len(kept) >= 2:
+            break
+        kept.append(message)
+    kept.reverse()
+    if kept and kept[0]["role"] == "user" and len(kept) < len(rest):
+        kept = kept[1:]  # keep assistant/user pairs aligned after the cut
+    omitted = len(rest) - len(kept)
+    if omitted:
+        note = {"role": "user", "content": f"[{omitted} earlier messages omitted to keep the context bounded; "
+                                           f"what their code did still holds in the REPL]"}
+        return [first, note, {"role": "assistant", "content": "Understood."}, *kept]
+    return [first, *kept]
+
+
+def _clip_middle(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n... [{len(text) - limit} characters cut; the full output is in run.json] ...\n{text[-half:]}"
+
+
+def run_repo(task: Any, params: Any, cfg: Any, tree: Any, budget: Any, progress: Any,
+             wrap_agent: Optional[Callable] = None) -> tuple[dict[str, Any], bytes, Path, str]:
+    """Run a repo task; returns (result, patch, mirror, commit)."""
+    from rlm_pipelines.models.scripted import register_script
+
+    if cfg.model.model.startswith("scripted/"):
+        register_script(cfg.model.model.split("/", 1)[1], task.script(params))
+    mirror, commit = checkout.prepare_mirror(params.repo, params.branch, params.commit)
+    tree.run.update(repo=params.repo, branch=params.branch, commit=commit)
+    run = RepoRun(cfg, tree, budget, progress, mirror, commit)
+    if wrap_agent is not None:
+        run.wrap_agent = wrap_agent
+    try:
+        root = run.spawn(task.prompt(params), None, 0)
+    except BaseException as exc:
+        run.halt(exc if isinstance(exc, BudgetExceeded) else None)
+        run.wait_idle(timeout=30)  # children stop and free their sandboxes before the run reports
+        raise
+    if run.stop_reason is not None:
+        raise run.stop_reason
+    if root.status != "ok":
+        raise RuntimeError(f"the root agent ended without an answer: {root.text}")
+    return task.parse_result(root.text, params), root.patch, mirror, commit
