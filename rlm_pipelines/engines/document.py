@@ -138,8 +138,8 @@ def run_document(task: Any, params: Any, inputs: dict[str, Any], cfg: Any, tree:
     from rlm_pipelines.models.scripted import register_script
 
     spec, limits = cfg.model, cfg.limits
-    if spec.model.startswith("scripted/"):
-        register_script(spec.model.split("/", 1)[1], task.script(params))
+    if spec.model == f"scripted/{task.name}":  # model=scripted replays the task's own policy
+        register_script(task.name, task.script(params))
     ledger = budget.ledger
     root_lm = build_dspy_lm(spec, ledger, role="root")
     sub_lm = build_dspy_lm(sub_spec(spec), ledger, role="sub")

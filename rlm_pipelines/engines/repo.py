@@ -267,7 +267,7 @@ class Agent:
 
 def _bounded(history: list[dict[str, str]], budget_chars: int) -> list[dict[str, str]]:
     """The first message (the task) and as many of the latest turns as fit, so a long run never overflows the
-    model's context; a note says what was left out."""
+    model's context; a note says what was left out. Roles keep alternating user / assistant."""
     first, rest = history[0], history[1:]
     kept: list[dict[str, str]] = []
     used = len(first["content"])
@@ -277,14 +277,13 @@ def _bounded(history: list[dict[str, str]], budget_chars: int) -> list[dict[str,
             break
         kept.append(message)
     kept.reverse()
-    if kept and kept[0]["role"] == "user" and len(kept) < len(rest):
-        kept = kept[1:]  # keep assistant/user pairs aligned after the cut
-    omitted = len(rest) - len(kept)
-    if omitted:
-        note = {"role": "user", "content": f"[{omitted} earlier messages omitted to keep the context bounded; "
-                                           f"what their code did still holds in the REPL]"}
-        return [first, note, {"role": "assistant", "content": "Understood."}, *kept]
-    return [first, *kept]
+    if len(kept) == len(rest):
+        return [first, *kept]
+    if kept and kept[0]["role"] == "user":
+        kept = kept[1:]  # after the first (user) message comes an assistant one
+    note = (f"\n\n[{len(rest) - len(kept)} earlier messages omitted to keep the context bounded; what their "
+            f"code did still holds in the REPL]")
+    return [{**first, "content": first["content"] + note}, *kept]
 
 
 def _clip_middle(text: str, limit: int) -> str:
@@ -299,8 +298,8 @@ def run_repo(task: Any, params: Any, cfg: Any, tree: Any, budget: Any, progress:
     """Run a repo task; returns (result, patch, mirror, commit)."""
     from rlm_pipelines.models.scripted import register_script
 
-    if cfg.model.model.startswith("scripted/"):
-        register_script(cfg.model.model.split("/", 1)[1], task.script(params))
+    if cfg.model.model == f"scripted/{task.name}":  # model=scripted replays the task's own policy
+        register_script(task.name, task.script(params))
     mirror, commit = checkout.prepare_mirror(params.repo, params.branch, params.commit)
     tree.run.update(repo=params.repo, branch=params.branch, commit=commit)
     run = RepoRun(cfg, tree, budget, progress, mirror, commit)

@@ -30,3 +30,34 @@ class SlowEcho(Task):
 
 
 task = SlowEcho()
+
+
+@dataclass
+class StuckRepoParams:
+    name: str = "stuck_repo"
+    engine: str = "repo"
+    repo: str = ""
+    branch: str = ""
+    commit: str = ""
+    prompt: str = "wait"
+    patch_out: str = ""
+
+
+class StuckRepo(Task):
+    """A repo task whose root spawns two children that sit in a long cell: for Ctrl-C tests."""
+
+    name = "stuck_repo"
+    engine = "repo"
+    params = StuckRepoParams
+
+    def prompt(self, params):
+        return params.prompt
+
+    def script(self, params):
+        from rlm_pipelines.models.scripted import DepthScript
+
+        return DepthScript({0: [Turn("print(rlm_query_batched(['sleep', 'sleep']))")],
+                            1: [Turn("import time\nprint('child waiting')\ntime.sleep(300)")]})
+
+
+stuck_repo = StuckRepo()

@@ -1,0 +1,157 @@
+"""The repo engine with real git, real sandboxes, scripted and local-HTTP models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from rlm_pipelines.engines.repo import _bounded
+from rlm_pipelines.flows import run_steps
+from rlm_pipelines.models.scripted import DepthScript, Turn, register_script
+from tests.conftest import cli
+from tests.fakes.openai_server import OpenAIServer
+from tests.fixtures.todo_repo import TODOS, build
+from tests.test_cli import plugin_path, run_dir_of, sandbox_processes  # noqa: F401 - fixture
+from tests.test_config import composed
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def run(tmp_path, *overrides):
+    config = OmegaConf.to_container(composed("model=scripted", "orchestration.prefect=false",
+                                             "orchestration.progress=false", *overrides), resolve=True)
+    run_dir = tmp_path / "run"
+    try:
+        summary = run_steps(config, str(run_dir))
+    except Exception as exc:  # the run is recorded all the same
+        summary = {"status": "error", "raised": exc}
+    return summary, json.loads((run_dir / "run.json").read_text()), run_dir
+
+
+def agents(node, depth=None):
+    found = [node] if node["kind"] == "agent" and (depth is None or node["depth"] == depth) else []
+    for child in node["children"]:
+        found += agents(child, depth)
+    return found
+
+
+def test_depth_two_tree_fixes_a_todo_with_a_patch_that_applies(repo, tmp_path):
+    summary, tree, run_dir = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}",
+                                 f"task.patch_out={tmp_path / 'out.diff'}")
+    assert summary["status"] == "ok", tree["error"]
+    root = tree["root"]
+    assert len(agents(root, 1)) == 3 and len(agents(root, 2)) == TODOS  # a package each, a TODO each
+    assert summary["agents"] == 1 + 3 + TODOS and summary["max_depth"] == 2
+    # the ids of the children an iteration spawned are recorded with it
+    assert sorted(root["iterations"][1]["children"]) == sorted(c["id"] for c in root["children"])
+    assert all(len(c["iterations"][1]["children"]) == len(c["children"]) for c in root["children"])
+    result = json.loads((run_dir / "result.json").read_text())  # FINAL_VAR('report'): the dict itself
+    assert len(result["todos"]) == TODOS and result["easiest"]["todo"] == "# TODO: validate inputs"
+    patch = (run_dir / "patch.diff").read_bytes()
+    assert b"+    # DONE: validate inputs" in patch and (tmp_path / "out.diff").read_bytes() == patch
+    fresh = tmp_path / "fresh"
+    subprocess.run(["git", "clone", "-q", str(repo["path"]), str(fresh)], check=True)
+    subprocess.run(["git", "apply", "--check", str(run_dir / "patch.diff")], cwd=fresh, check=True)
+    assert tree["usage"]["sandboxes"] == 1 + 3 + TODOS and tree["commit"] == repo["head"]
+
+
+def test_children_check_out_the_requested_commit_and_branch(repo, tmp_path):
+    _, tree, _ = run(tmp_path / "a", "task=repo_todos", f"task.repo={repo['path']}", f"task.commit={repo['first']}")
+    children = agents(tree["root"], 1) + agents(tree["root"], 2)
+    assert children and all(repo["first"] in c["iterations"][0]["stdout"] for c in children)
+    assert "packages: ['alpha', 'beta']" in tree["root"]["iterations"][0]["stdout"]  # no gamma yet
+    _, tree, _ = run(tmp_path / "b", "task=repo_todos", f"task.repo={repo['path']}", "task.branch=feature")
+    assert all(repo["feature"] in c["iterations"][0]["stdout"] for c in agents(tree["root"], 1))
+    assert f"{TODOS + 1} TODOs" in tree["root"]["iterations"][0]["stdout"]
+
+
+def test_limits_reach_the_model_and_the_tree(repo, tmp_path):
+    summary, tree, _ = run(tmp_path / "a", "task=repo_todos", f"task.repo={repo['path']}",
+                           "limits.max_sandboxes=3")
+    refused = [a for a in agents(tree["root"]) if a["status"] == "budget_exceeded"]
+    assert refused and all("max_sandboxes" in a["error"] for a in refused)
+    assert tree["usage"]["sandboxes"] <= 3
+    # the model is told, in its own output ...
+    assert "sandbox budget limits.max_sandboxes=3 is spent" in tree["root"]["iterations"][1]["stdout"]
+    # ... and works around it: the package agents judged their TODOs in place
+    assert summary["status"] == "ok"
+    assert any("judged in place" in (a["result"] or "") for a in agents(tree["root"], 1))
+    summary, tree, _ = run(tmp_path / "b", "task=repo_todos", f"task.repo={repo['path']}", "limits.max_depth=1")
+    assert summary["status"] == "ok" and agents(tree["root"], 2) == []
+    assert all("depth limit" in json.dumps(a["result"]) for a in agents(tree["root"], 1))
+
+
+@pytest.mark.parametrize("override,message", [("task.repo=/no/such/repo", "cannot clone task.repo"),
+                                              ("task.commit=0123456789abcdef", "task.commit='0123456789abcdef' is not in")])
+def test_a_bad_repo_or_commit_fails_clearly_and_leaks_nothing(repo, tmp_path, override, message):
+    before = set(sandbox_processes())
+    repo_arg = f"task.repo={repo['path']}" if "commit" in override else override
+    summary, tree, _ = run(tmp_path, "task=repo_todos", repo_arg, override)
+    assert summary["status"] == "error" and message in tree["error"] and tree["status"] == "error"
+    assert tree["usage"]["sandboxes"] == 0 and set(sandbox_processes()) == before
+
+
+def test_global_timeout_stops_a_long_cell(repo, tmp_path):
+    register_script("stuck", DepthScript({0: [Turn("import time\ntime.sleep(120)")]}))
+    started = time.monotonic()
+    summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", "model.model=scripted/stuck",
+                           "limits.wall_time_s=3")
+    assert summary["status"] == "timeout" and "wall time" in tree["error"]
+    assert time.monotonic() - started < 30 and tree["root"]["status"] == "timeout"
+
+
+def test_global_timeout_stops_a_slow_model_call(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLM_TEST_KEY", "k")
+    with OpenAIServer(reply=lambda r: "```python\nprint(1)\n```", latency_s=20) as server:
+        started = time.monotonic()
+        summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", "model=local",
+                               f"model.api_base={server.url}", "limits.wall_time_s=3")
+    assert summary["status"] == "timeout"
+    assert time.monotonic() - started < 15
+
+
+def test_history_stays_bounded():
+    history = [{"role": "user", "content": "task"}]
+    for i in range(200):
+        history += [{"role": "assistant", "content": f"code {i} " * 100}, {"role": "user", "content": "out " * 200}]
+    kept = _bounded(history, 20_000)
+    assert sum(len(m["content"]) for m in kept) < 25_000 and kept[0]["content"].startswith("task")
+    assert "earlier messages omitted" in kept[0]["content"] and kept[-1] == history[-1]
+    roles = [m["role"] for m in kept]
+    assert all(a != b for a, b in zip(roles, roles[1:]))  # user/assistant alternate
+
+
+def test_ctrl_c_cancels_the_tree_and_leaves_nothing(repo, plugin_path, tmp_path):  # noqa: F811
+    before = set(sandbox_processes())
+    env = {**os.environ, "PYTHONPATH": plugin_path, "RLM_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "rlm_pipelines", "task=stuck_repo", "model=scripted",
+                                f"task.repo={repo['path']}", "orchestration.prefect=false"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(set(sandbox_processes()) - before) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert len(set(sandbox_processes()) - before) >= 3, "root and two children never ran"
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    tree = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
+    assert tree["status"] == "cancelled"
+    assert {a["status"] for a in agents(tree["root"])} <= {"cancelled"}
+    assert set(sandbox_processes()) - before == set()
+    leftovers = [p for p in Path("/tmp").glob("rlm-agent-*") if p.stat().st_mtime > time.time() - 120]
+    assert leftovers == []
