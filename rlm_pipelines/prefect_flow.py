@@ -38,16 +38,22 @@ def _artifacts(summary: dict[str, Any]) -> None:
                              markdown=f"### Outputs of run {summary['run_id']}\n\n`{summary['run_dir']}`\n\n{links}\n")
 
 
-def _agent_task_runs(run_agent: Any) -> Any:
-    """Repo engine: every agent is a task run of its own, so the UI shows the tree of agents."""
-    return task(run_agent, name="agent", cache_policy=NONE, task_run_name="agent-depth{depth}")
+def _agent_task_runs(retries: int, delay: float) -> Any:
+    """Repo engine: every agent is a task run of its own, so the UI shows the tree of agents; an agent whose
+    sandbox could not start is retried, a model's mistake is not."""
+
+    def wrap(run_agent: Any) -> Any:
+        return task(run_agent, name="agent", cache_policy=NONE, task_run_name="agent-depth{depth}",
+                    retries=retries, retry_delay_seconds=delay, retry_condition_fn=_transient)
+
+    return wrap
 
 
 @flow(name="rlm-run", flow_run_name="{config[task][name]}-{config[model][name]}", log_prints=True)
 def rlm_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     run = flows.open_run(config, run_dir)
-    run.wrap_agent = _agent_task_runs
     retries = run.cfg.orchestration.retries
+    run.wrap_agent = _agent_task_runs(retries, run.cfg.orchestration.retry_delay_s)
     try:
         prepare_step(run)
         engine_step.with_options(retries=retries, retry_delay_seconds=run.cfg.orchestration.retry_delay_s)(run)

@@ -75,10 +75,8 @@ def test_monte_cristo_scripted_through_the_cli_and_prefect(prefect_server, tmp_p
     flow_runs = [r for r in api(url, "/flow_runs/filter", {"limit": 200}) if r["name"] == "monte_cristo-scripted"]
     assert flow_runs and flow_runs[-1]["state_type"] == "COMPLETED"
     tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_runs[-1]["id"]]}}})
-    assert {"prepare inputs", "run engine", "write outputs", "downstream steps"} <= {t["task_key"].split("-")[0]
-                                                                                    .replace("_", " ") or t["name"]
-                                                                                    for t in tasks} | \
-        {t["name"].rsplit("-", 1)[0] for t in tasks}
+    steps = {t["name"].rsplit("-", 1)[0] for t in tasks}  # Prefect names task runs "<task name>-<suffix>"
+    assert {"prepare inputs", "run engine", "write outputs", "downstream steps"} <= steps
     artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["rlm-run-summary"]}}})
     assert any(a["flow_run_id"] == flow_runs[-1]["id"] for a in artifacts)
 
@@ -174,3 +172,22 @@ def test_ctrl_c_leaves_a_cancelled_run_and_no_sandbox(plugin_path, prefect_serve
     assert run["status"] == "cancelled"
     assert set(sandbox_processes()) - before == set()
     assert not [p for p in Path("/tmp").glob("rlm-dspy-*") if p.stat().st_mtime > time.time() - 300]
+
+
+def test_repo_run_through_prefect_has_a_task_run_per_agent(prefect_server, tmp_path):
+    from tests.fixtures.todo_repo import TODOS, build
+
+    repo = build(tmp_path / "src")
+    done = cli(["task=repo_todos", "model=scripted", f"task.repo={repo['path']}"], tmp_path,
+               {**prefect_server["env"], "RLM_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    assert (run_dir / "patch.diff").is_file()
+    url = prefect_server["url"]
+    flow_runs = [r for r in api(url, "/flow_runs/filter", {"limit": 200}) if r["name"] == "repo_todos-scripted"]
+    assert flow_runs and flow_runs[-1]["state_type"] == "COMPLETED"
+    tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_runs[-1]["id"]]}}})
+    agent_runs = [t for t in tasks if t["name"].startswith("agent-depth")]
+    assert len(agent_runs) == 1 + 3 + TODOS
+    assert {t["name"] for t in agent_runs} == {"agent-depth0", "agent-depth1", "agent-depth2"}
+    assert all(t["state_type"] == "COMPLETED" for t in agent_runs)
