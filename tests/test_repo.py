@@ -155,3 +155,25 @@ def test_ctrl_c_cancels_the_tree_and_leaves_nothing(repo, plugin_path, tmp_path)
     assert set(sandbox_processes()) - before == set()
     leftovers = [p for p in Path("/tmp").glob("rlm-agent-*") if p.stat().st_mtime > time.time() - 120]
     assert leftovers == []
+
+
+def test_sub_agents_edit_their_own_checkouts_only(repo, tmp_path):
+    """Children's checkouts share file contents with each other (hardlinks): an edit is a replacement, so
+    one child's change is invisible to its siblings and to the root, and writing in place is refused."""
+    register_script("editors", DepthScript({
+        0: [Turn("print(rlm_query_batched(['one', 'two', 'three']))"),
+            Turn("print(sh('git status --short') or 'clean')\nFINAL('done')")],
+        1: [Turn("import os\n"
+                 "print(edit_file('alpha/core.py', 'return a + b', f'return a + b  # {task}'))\n"
+                 "try:\n    open('/workspace/repo/beta/util.py', 'a').write('x')\n"
+                 "except PermissionError:\n    print('in-place write refused')\n"
+                 "FINAL(sh('git diff --stat').strip() + ' | ' + sh('grep -c return alpha/core.py').strip() + "
+                 "' | ' + open('/workspace/repo/alpha/core.py').read().split(chr(10))[2])")],
+    }))
+    summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", "model.model=scripted/editors")
+    assert summary["status"] == "ok", tree["error"]
+    results = sorted(a["result"] for a in agents(tree["root"], 1))
+    assert all("1 file changed" in r for r in results)
+    assert [r.rsplit("# ", 1)[1] for r in results] == ["one", "three", "two"]  # each saw only its own edit
+    assert "in-place write refused" in json.dumps(tree)
+    assert "clean" in tree["root"]["iterations"][1]["stdout"]  # the root's checkout is untouched

@@ -1,6 +1,9 @@
-"""Repo checkouts for the repo engine: one mirror per repo URL, cloned once and fetched once per run;
-every agent's fresh checkout is a `git clone --shared` of it made inside the agent's own sandbox (the
-mirror is mounted read-only), so a checkout costs milliseconds and never touches the network."""
+"""Repo checkouts for the repo engine: one mirror per repo URL, cloned once and fetched once per run.
+
+The root agent's fresh checkout is a `git clone --shared` of the mirror made inside its own sandbox (the
+mirror is mounted read-only): objects are not copied, only the working tree is written. Sub-agents, where
+the sandbox supports it, get a hardlinked copy of one base checkout made once per run: milliseconds
+whatever the repo's size; never the network."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-MIRROR_IN_SANDBOX = "/mirror"
+MIRROR_IN_SANDBOX = "/mirror"  # where agents see the mirror (read-only)
 REPO_IN_SANDBOX = "/workspace/repo"
 
 
@@ -90,3 +93,17 @@ def patch_applies(mirror: Path, commit: str, patch: bytes) -> tuple[bool, str]:
                 return False, done.stderr.decode().strip()
         done = _git("apply", "--check", "--whitespace=nowarn", "-", cwd=work, input_=patch)
         return done.returncode == 0, done.stderr.decode().strip()
+
+
+def make_base(mirror: Path, commit: str, parent: Optional[str] = None) -> Path:
+    """One checkout of `commit` on the host, which sub-agents' checkouts are hardlinked from (see
+    LocalSandbox.seed). Its objects come from the mirror, at the path agents see it."""
+    folder = Path(tempfile.mkdtemp(prefix="rlm-base-", dir=parent)) / "repo"
+    for args in (("clone", "--quiet", "--shared", "--no-checkout", str(mirror), str(folder)),
+                 ("-C", str(folder), "-c", "checkout.workers=0", "checkout", "--quiet", "--detach", commit)):
+        done = _git(*args)
+        if done.returncode != 0:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+            raise CheckoutError(f"cannot check out {commit[:12]}: {done.stderr.decode().strip()}")
+    (folder / ".git" / "objects" / "info" / "alternates").write_text(f"{MIRROR_IN_SANDBOX}/objects\n")
+    return folder

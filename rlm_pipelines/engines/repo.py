@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import json
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,7 @@ class RepoRun:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._live: set[Any] = set()
+        self._base: Optional[Path] = None  # the checkout sub-agents' checkouts are hardlinked from
         self.wrap_agent: Callable[[Callable[..., AgentResult]], Callable[..., AgentResult]] = lambda f: f
 
     # -- shared limits
@@ -103,6 +105,24 @@ class RepoRun:
         with self._idle:
             self._idle.wait_for(lambda: self._slots == 0, timeout=timeout)
 
+    def base(self) -> Path:
+        with self._lock:
+            if self._base is None:
+                self._base = checkout.make_base(self.mirror, self.commit, self.cfg.sandbox.root_dir)
+            return self._base
+
+    def cleanup(self) -> None:
+        if self._base is not None:
+            shutil.rmtree(self._base.parent, ignore_errors=True)
+
+    def _checkout(self, sandbox: Any, depth: int) -> None:
+        seed = getattr(sandbox, "seed", None)
+        if depth > 0 and seed is not None and seed(self.base(), checkout.REPO_IN_SANDBOX):
+            return
+        code, out = sandbox.run(checkout.checkout_command(self.commit), timeout=600)
+        if code != 0:
+            raise SandboxStartError(f"checkout of {self.commit[:12]} failed in the sandbox: {out.strip()[-500:]}")
+
     # -- agents
 
     def spawn(self, task: str, parent_id: Optional[str], depth: int) -> AgentResult:
@@ -122,9 +142,7 @@ class RepoRun:
             sandbox.start()
             self.tree.update_node(agent, sandbox_id=sandbox.id)
             self.tree.set_usage({"sandboxes": self.tree.run["usage"]["sandboxes"] + 1})
-            code, out = sandbox.run(checkout.checkout_command(self.commit), timeout=300)
-            if code != 0:
-                raise SandboxStartError(f"checkout of {self.commit[:12]} failed in the sandbox: {out.strip()[-500:]}")
+            self._checkout(sandbox, depth)
             return Agent(self, agent, task, depth, sandbox).run()
         except Cancelled as exc:
             self.tree.end_node(agent, "cancelled", error=str(exc))
@@ -187,8 +205,10 @@ class Agent:
             session.execute(HELPERS)
             system = prompts.load("repo_system").format(
                 depth=self.depth, max_depth=limits.max_depth, cell_timeout=f"{run.cfg.sandbox.repl.cell_timeout_s:g}",
-                spawn_note="" if self.depth < limits.max_depth else
-                "(You are at the depth limit: rlm_query will refuse; do the work yourself.)")
+                spawn_note=("" if self.depth < limits.max_depth else
+                        "(You are at the depth limit: rlm_query will refuse; do the work yourself.)")
+            + ("" if self.depth == 0 else " Your checkout's files are shared read-only with other agents: to "
+               "change one, replace it (edit_file does), do not write into it."))
             history: list[dict[str, str]] = []
             observation = f"Your task:\n{self.task}"  # each observation is headed [iteration N/M]
             for index in range(limits.max_iterations):
@@ -311,6 +331,8 @@ def run_repo(task: Any, params: Any, cfg: Any, tree: Any, budget: Any, progress:
         run.halt(exc if isinstance(exc, BudgetExceeded) else None)
         run.wait_idle(timeout=30)  # children stop and free their sandboxes before the run reports
         raise
+    finally:
+        run.cleanup()
     if run.stop_reason is not None:
         raise run.stop_reason
     if root.status != "ok":

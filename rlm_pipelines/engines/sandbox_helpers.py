@@ -36,6 +36,11 @@ def edit_file(path, old, new, replace_all=False):
         except SyntaxError as exc:
             raise SyntaxError("edit_file refused: %s would not parse after this edit (line %s: %s)"
                               % (path, exc.lineno, exc.msg)) from None
-    with open(full, "w", encoding="utf-8") as handle:
+    # Write a new file and rename it over the old one: atomic, and it works on a checkout whose files are
+    # shared read-only between agents.
+    tmp = "%s.rlm-edit-%d" % (full, _os.getpid())
+    with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(updated)
+    _os.chmod(tmp, 0o644 | (_os.stat(full).st_mode & 0o111))
+    _os.replace(tmp, full)
     return "edited %s: %d replacement(s)" % (path, count if replace_all else 1)
