@@ -17,6 +17,7 @@ Lifecycle of a task in a run:
 from __future__ import annotations
 
 import dataclasses
+import json
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
@@ -116,6 +117,22 @@ class RepoParams:
     patch_out: Optional[str] = None  # also copy the patch here (besides the run folder's patch.diff)
 
 
-def check_repo(params: RepoParams) -> None:
-    if not params.repo:
-        raise ValueError(f"task.repo is empty: give a git URL or a local repository path, e.g. task.repo=.")
+class RepoTask(Task):
+    """Base of repo-engine tasks: the root agent gets `params.prompt`; its FINAL answer, when it is JSON
+    for a dict, is the result."""
+
+    engine = "repo"
+
+    def check(self, params: RepoParams) -> None:
+        if not params.repo:
+            raise ValueError("task.repo is empty: give a git URL or a local repository path, e.g. task.repo=.")
+
+    def prompt(self, params: RepoParams) -> str:
+        return params.prompt
+
+    def parse_result(self, text: str, params: RepoParams) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return {"report": text}
+        return value if isinstance(value, dict) else {"report": value}

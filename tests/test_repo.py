@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from rlm_pipelines.engines.repo import _bounded
 from rlm_pipelines.flows import run_steps
 from rlm_pipelines.models.scripted import DepthScript, Turn, register_script
-from tests.conftest import cli
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import TODOS, build
 from tests.test_cli import plugin_path, run_dir_of, sandbox_processes  # noqa: F401 - fixture
@@ -153,7 +152,8 @@ def test_ctrl_c_cancels_the_tree_and_leaves_nothing(repo, plugin_path, tmp_path)
     assert tree["status"] == "cancelled"
     assert {a["status"] for a in agents(tree["root"])} <= {"cancelled"}
     assert set(sandbox_processes()) - before == set()
-    leftovers = [p for p in Path("/tmp").glob("rlm-agent-*") if p.stat().st_mtime > time.time() - 120]
+    leftovers = [p for pattern in ("rlm-agent-*", "rlm-base-*", "rlm-patch-check-*") for p in Path("/tmp").glob(pattern)
+                 if p.stat().st_mtime > time.time() - 120]
     assert leftovers == []
 
 

@@ -27,7 +27,6 @@ from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines import checkout, prompts
 from rlm_pipelines.models import LLMClient, ModelError
 from rlm_pipelines.sandbox import SandboxStartError, make_sandbox
-from rlm_pipelines.tree import clip
 
 CODE_BLOCK = re.compile(r"```(?:python|py|repl)[ \t]*\n(.*?)```", re.DOTALL)
 HELPERS = (Path(__file__).parent / "sandbox_helpers.py").read_text(encoding="utf-8")
@@ -274,8 +273,8 @@ class Agent:
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
         patch = b""
         if self.depth == 0:  # the root's changes, new files included, as a binary-safe diff
-            code, out = self.sandbox.run(f"cd {checkout.REPO_IN_SANDBOX} && git add -A && "
-                                         f"git diff --cached --binary {self.shared.commit} > /tmp/rlm.patch", timeout=120)
+            code, out = self.sandbox.run(f"cd {checkout.REPO_IN_SANDBOX} && git add -A && git diff --cached "
+                                         f"--binary {self.shared.commit} > /tmp/rlm.patch", timeout=120)
             if code != 0:
                 raise RuntimeError(f"could not make the patch: {out.strip()[-500:]}")
             patch = self.sandbox.download("/tmp/rlm.patch")
@@ -310,7 +309,8 @@ def _clip_middle(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     half = limit // 2
-    return f"{text[:half]}\n... [{len(text) - limit} characters cut; the full output is in run.json] ...\n{text[-half:]}"
+    cut = f"\n... [{len(text) - limit} characters cut; the full output is in run.json] ...\n"
+    return f"{text[:half]}{cut}{text[-half:]}"
 
 
 def run_repo(task: Any, params: Any, cfg: Any, tree: Any, budget: Any, progress: Any,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlm_pipelines.models.scripted import DepthScript, Turn
-from rlm_pipelines.tasks import RepoParams, Task, check_repo
+from rlm_pipelines.tasks import RepoParams, RepoTask
 
 DEFAULT_PROMPT = (
     "Audit this repository for problems worth a maintainer's attention: bugs, risky code (eval/exec, shell "
@@ -28,23 +28,9 @@ class RepoAuditParams(RepoParams):
     prompt: str = DEFAULT_PROMPT
 
 
-class RepoAudit(Task):
+class RepoAudit(RepoTask):
     name = "repo_audit"
-    engine = "repo"
     params = RepoAuditParams
-
-    def check(self, params: RepoAuditParams) -> None:
-        check_repo(params)
-
-    def prompt(self, params: RepoAuditParams) -> str:
-        return params.prompt or DEFAULT_PROMPT
-
-    def parse_result(self, text: str, params: RepoAuditParams) -> dict[str, Any]:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return {"findings": [], "report": text}
-        return value if isinstance(value, dict) else {"findings": value}
 
     def script(self, params: RepoAuditParams) -> Any:
         checks = json.dumps(CHECKS)

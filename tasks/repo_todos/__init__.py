@@ -3,11 +3,10 @@ fix it; the result is the findings and a patch."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from rlm_pipelines.tasks import RepoParams, Task, check_repo
+from rlm_pipelines.tasks import RepoParams, RepoTask
 from rlm_tasks.repo_todos import script
 
 DEFAULT_PROMPT = (
@@ -24,23 +23,9 @@ class RepoTodosParams(RepoParams):
     prompt: str = DEFAULT_PROMPT
 
 
-class RepoTodos(Task):
+class RepoTodos(RepoTask):
     name = "repo_todos"
-    engine = "repo"
     params = RepoTodosParams
-
-    def check(self, params: RepoTodosParams) -> None:
-        check_repo(params)
-
-    def prompt(self, params: RepoTodosParams) -> str:
-        return params.prompt or DEFAULT_PROMPT
-
-    def parse_result(self, text: str, params: RepoTodosParams) -> dict[str, Any]:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return {"report": text}
-        return value if isinstance(value, dict) else {"report": value}
 
     def script(self, params: RepoTodosParams) -> Any:
         return script.policy()
