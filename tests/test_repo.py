@@ -82,8 +82,9 @@ def test_limits_reach_the_model_and_the_tree(repo, tmp_path):
     summary, tree, _ = run(tmp_path / "a", "task=repo_todos", f"task.repo={repo['path']}",
                            "limits.max_sandboxes=3")
     refused = [a for a in agents(tree["root"]) if a["status"] == "budget_exceeded"]
-    assert refused and all("max_sandboxes" in a["error"] for a in refused)
-    assert tree["usage"]["sandboxes"] <= 3
+    # over the run's lifetime: the root and two package agents; the third package and every TODO refused
+    assert len(refused) == 1 + len([a for a in agents(tree["root"], 2)]) and tree["usage"]["sandboxes"] == 3
+    assert all("max_sandboxes" in a["error"] for a in refused)
     # the model is told, in its own output ...
     assert "sandbox budget limits.max_sandboxes=3 is spent" in tree["root"]["iterations"][1]["stdout"]
     # ... and works around it: the package agents judged their TODOs in place

@@ -55,7 +55,8 @@ class RepoRun:
         self.deadline = time.monotonic() + self.limits.wall_time_s
         self.stop = threading.Event()
         self.stop_reason: Optional[BudgetExceeded] = None
-        self._slots = 0
+        self._created = 0  # sandboxes made over the run's lifetime (limits.max_sandboxes bounds it)
+        self._running = 0  # agents holding a sandbox right now
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._live: set[Any] = set()
@@ -88,21 +89,26 @@ class RepoRun:
                 pass
 
     def _reserve_slot(self) -> bool:
+        """Reserve one of the run's sandboxes before making it (atomic, so parallel spawns never overshoot)."""
         with self._lock:
-            if self._slots >= self.limits.max_sandboxes:
+            if self._created >= self.limits.max_sandboxes:
                 return False
-            self._slots += 1
+            self._created += 1
+            self._running += 1
             return True
 
-    def _free_slot(self) -> None:
+    def _release_slot(self, made: bool) -> None:
+        """The agent is done with its sandbox; a sandbox that was never made gives its slot back."""
         with self._idle:
-            self._slots -= 1
+            self._running -= 1
+            if not made:
+                self._created -= 1
             self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> None:
         """After halt(): wait until every agent has stopped its sandbox."""
         with self._idle:
-            self._idle.wait_for(lambda: self._slots == 0, timeout=timeout)
+            self._idle.wait_for(lambda: self._running == 0, timeout=timeout)
 
     def base(self) -> Path:
         with self._lock:
@@ -134,11 +140,12 @@ class RepoRun:
                        f"{self.limits.max_sandboxes} is spent; do this part yourself]")
             self.tree.end_node(agent, "budget_exceeded", result=message, error="max_sandboxes reached")
             return AgentResult(message, "budget_exceeded")
-        sandbox = None
+        sandbox, made = None, False
         try:
             mounts = {str(self.mirror): checkout.MIRROR_IN_SANDBOX}
             sandbox = make_sandbox(self.cfg.sandbox, name=f"agent-{agent}", mounts=mounts)
             sandbox.start()
+            made = True
             self.tree.update_node(agent, sandbox_id=sandbox.id)
             self.tree.set_usage({"sandboxes": self.tree.run["usage"]["sandboxes"] + 1})
             self._checkout(sandbox, depth)
@@ -156,7 +163,7 @@ class RepoRun:
         finally:
             if sandbox is not None:
                 sandbox.stop()
-            self._free_slot()
+            self._release_slot(made)
 
 
 class Agent:
