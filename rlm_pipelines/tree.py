@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 SCHEMA = "rlm-pipelines/run@1"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "run.schema.json"
-TEXT_LIMIT = 20_000  # characters of one text field kept in run.json (full length recorded beside it)
+TEXT_LIMIT = 100_000  # characters of one text field kept in run.json (as much as a cell's output cap)
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "tokens", "cost_usd", "llm_calls")
 
 
 def clip(text: Any, limit: int = TEXT_LIMIT) -> Any:
@@ -81,6 +82,14 @@ class RunTree:
             fields.setdefault("result_truncated", bool(text is not None and len(text) > TEXT_LIMIT))
             node.update(status=status, ended_at=_now(), error=error, **fields,
                         result=clip(text) if text is not None else result)
+            # usage rolls up the tree: an agent's total is its own calls plus its children's totals
+            own = node["usage"].setdefault("own", dict.fromkeys(USAGE_KEYS, 0))
+            total = dict(own)
+            for child in node["children"]:
+                for key in USAGE_KEYS:
+                    total[key] += child["usage"].get("total", {}).get(key, 0)
+            total["cost_usd"] = round(total["cost_usd"], 6)
+            node["usage"]["total"] = total
             node["duration_s"] = round(time.monotonic() - self._clock[node_id], 3)
 
     def update_node(self, node_id: str, **fields: Any) -> None:
@@ -94,6 +103,9 @@ class RunTree:
             entry = {"index": len(node["iterations"]), **{k: clip(v) for k, v in data.items()},
                      "children": self._spawned.pop(node_id, [])}
             node["iterations"].append(entry)
+            own = node["usage"].setdefault("own", dict.fromkeys(USAGE_KEYS, 0))
+            for key in USAGE_KEYS:
+                own[key] += (data.get("usage") or {}).get(key, 0)
         self.save()
 
     # -- the run

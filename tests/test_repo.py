@@ -178,3 +178,46 @@ def test_sub_agents_edit_their_own_checkouts_only(repo, tmp_path):
     assert [r.rsplit("# ", 1)[1] for r in results] == ["one", "three", "two"]  # each saw only its own edit
     assert "in-place write refused" in json.dumps(tree)
     assert "clean" in tree["root"]["iterations"][1]["stdout"]  # the root's checkout is untouched
+
+
+def test_root_patch_usage_rollup_truncation_and_no_code_replies(repo, tmp_path, monkeypatch):
+    """Over real HTTP: a reply without code gets an observation; a child's long findings are cut and
+    flagged; the root's new file is in the patch; usage rolls up the tree."""
+    def reply(request):
+        text = json.dumps(request["messages"])
+        if "depth 1 of" in request["messages"][0]["content"]:
+            return "```python\nFINAL('x' * 500)\n```"
+        if "[iteration 1/" in request["messages"][-1]["content"]:
+            return "Let me think about this first."  # no code at all
+        if "[iteration 2/" in request["messages"][-1]["content"]:
+            return ("```python\nfound = rlm_query('report at length')\nprint(len(found), found[-40:])\n"
+                    "open('/workspace/repo/NEW.md', 'w').write('new file')\n"
+                    "print(edit_file('alpha/core.py', 'def add(a, b):', 'def add(a, b:'))\n```")
+        assert "would not parse" in text  # the refused edit reached the model
+        return "```python\nprint(edit_file('beta/util.py', 'min(hi, x)', 'min(x, hi)'))\nFINAL('done')\n```"
+
+    monkeypatch.setenv("RLM_TEST_KEY", "k")
+    with OpenAIServer(reply=reply) as server:
+        summary, tree, run_dir = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", "model=local",
+                                     f"model.api_base={server.url}", "model.api_key_env=RLM_TEST_KEY",
+                                     "model.input_cost_per_mtok=1.0", "model.output_cost_per_mtok=2.0",
+                                     "limits.result_truncation_limit=100")
+    assert summary["status"] == "ok", tree["error"]
+    root = tree["root"]
+    assert "no ```python code block" in root["iterations"][1]["prompt"]
+    assert "[... cut: 400 more characters]" in root["iterations"][1]["stdout"]
+    child = root["children"][0]
+    assert child["result_truncated"] is True and len(child["result"]) == 500
+    assert "SyntaxError" in root["iterations"][1]["error"]
+    patch = (run_dir / "patch.diff").read_text()
+    assert "new file mode" in patch and "+new file" in patch and "min(x, hi)" in patch and "def add(a, b:" not in patch
+    own, total = root["usage"]["own"], root["usage"]["total"]
+    assert own["llm_calls"] == 3 and total["llm_calls"] == 4 == tree["usage"]["llm_calls"]
+    assert total["tokens"] == tree["usage"]["tokens"] and total["cost_usd"] == pytest.approx(tree["usage"]["cost_usd"])
+    assert total["cost_usd"] > 0
+
+
+def test_token_budget_stops_the_tree(repo, tmp_path):
+    summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", "limits.max_tokens=3000")
+    assert summary["status"] == "budget_exceeded" and "limits.max_tokens" in tree["error"]
+    assert tree["usage"]["tokens"] >= 3000 and tree["root"]["status"] == "budget_exceeded"

@@ -96,6 +96,7 @@ class TreeObserver:
     def __init__(self, tree: Any, agent_id: str, budget: Any, progress: Any, root_lm: Any, max_iters: int):
         self.tree, self.agent_id, self.budget, self.progress = tree, agent_id, budget, progress
         self.root_lm, self.max_iters = root_lm, max_iters
+        self._seen = {"prompt_tokens": 0, "completion_tokens": 0, "tokens": 0, "cost_usd": 0.0, "calls": 0}
 
     def before_iteration(self, index: int) -> None:
         self.budget.check()
@@ -107,11 +108,16 @@ class TreeObserver:
         failed = output.startswith("[Error]") or "Traceback (most recent call last)" in output
         self.tree.set_usage({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                              "tokens": usage["tokens"], "cost_usd": usage["cost_usd"], "llm_calls": usage["calls"]})
+        # this iteration's calls: the agent's own turn and the llm_query calls its code made
+        delta = {k: usage[k] - self._seen[k] for k in self._seen}
+        self._seen = {k: usage[k] for k in self._seen}
         self.tree.add_iteration(self.agent_id, prompt=_render(call.get("messages")),
                                 response=_first(call.get("outputs")), reasoning=step.get("reasoning", ""),
                                 code=step.get("code", ""), stdout=output, stderr=None,
                                 error=output if failed else None, duration_s=round(duration_s, 3),
-                                usage={"tokens": usage["tokens"], "cost_usd": usage["cost_usd"]})
+                                usage={"prompt_tokens": delta["prompt_tokens"],
+                                       "completion_tokens": delta["completion_tokens"], "tokens": delta["tokens"],
+                                       "cost_usd": round(delta["cost_usd"], 6), "llm_calls": delta["calls"]})
         self.progress.iteration(self.tree.run["task"], index + 1, self.max_iters, duration_s, usage,
                                 "error" if failed else "ok")
 

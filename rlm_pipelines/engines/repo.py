@@ -236,11 +236,11 @@ class Agent:
         history.append({"role": "user", "content": observation})
         messages = [{"role": "system", "content": system}, *_bounded(history, limits.history_chars)]
         started = time.perf_counter()
-        before = run.budget.ledger.snapshot()
         remaining = run.deadline - time.monotonic()
         try:
-            reply = run.llm.complete(messages, timeout=max(1.0, min(run.cfg.model.timeout_s, remaining)),
-                                     deadline=run.deadline).text
+            completion = run.llm.complete(messages, timeout=max(1.0, min(run.cfg.model.timeout_s, remaining)),
+                                          deadline=run.deadline)
+            reply = completion.text
         except ModelError:
             if time.monotonic() >= run.deadline:
                 run.check()  # the deadline passed during the call: a timeout, not a model failure
@@ -263,11 +263,13 @@ class Agent:
             if result.error is not None:
                 break  # later blocks probably depend on this one
         after = run.budget.ledger.snapshot()
+        usage = {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                 "tokens": completion.prompt_tokens + completion.completion_tokens,
+                 "cost_usd": completion.cost_usd, "llm_calls": 1}
         run.tree.add_iteration(self.node_id, prompt=observation, response=reply, code="\n\n".join(blocks),
                                stdout="".join(stdout), stderr="".join(stderr) or None,
                                error="\n".join(errors) or None, duration_s=round(time.perf_counter() - started, 3),
-                               usage={"tokens": after["tokens"] - before["tokens"],
-                                      "cost_usd": round(after["cost_usd"] - before["cost_usd"], 6)})
+                               usage=usage)
         run.tree.set_usage({"tokens": after["tokens"], "prompt_tokens": after["prompt_tokens"],
                             "completion_tokens": after["completion_tokens"], "cost_usd": after["cost_usd"],
                             "llm_calls": after["calls"]})

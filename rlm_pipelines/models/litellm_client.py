@@ -60,7 +60,7 @@ def litellm_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return kwargs
 
 
-_registered: set[str] = set()
+_registered: set[tuple[str, float, float]] = set()
 _registered_lock = threading.Lock()
 
 
@@ -71,10 +71,11 @@ def register_prices(spec: ModelSpec) -> None:
     for each in (spec, sub_spec(spec)):
         if each.input_cost_per_mtok is None and each.output_cost_per_mtok is None:
             continue
-        with _registered_lock:
-            if each.model in _registered:
+        key = (each.model, each.input_cost_per_mtok or 0.0, each.output_cost_per_mtok or 0.0)
+        with _registered_lock:  # again when the prices change (another run in this process, a test)
+            if key in _registered:
                 continue
-            _registered.add(each.model)
+            _registered.add(key)
         litellm.register_model({each.model: {
             "input_cost_per_token": (each.input_cost_per_mtok or 0.0) / 1e6,
             "output_cost_per_token": (each.output_cost_per_mtok or 0.0) / 1e6,
