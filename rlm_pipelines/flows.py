@@ -138,11 +138,17 @@ def summarize(run: Run) -> dict[str, Any]:
 
 
 def finish(run: Run, status: str, error: Optional[str] = None) -> dict[str, Any]:
+    """Close the run tree, write summary.json and the viewer bundle (also for failed runs)."""
+    from rlm_pipelines.report.bundle import write_bundle
+
     usage = run.budget.ledger.snapshot()
     run.tree.set_usage({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                         "tokens": usage["tokens"], "cost_usd": usage["cost_usd"], "llm_calls": usage["calls"]})
     run.tree.finish(status, result=run.result, error=error)
-    return summarize(run)
+    run.files.append("viewer/index.html")
+    summary = summarize(run)
+    write_bundle(run.run_dir)
+    return summary
 
 
 def status_of(exc: BaseException) -> str:

@@ -1,0 +1,166 @@
+// rlm-pipelines run viewer: a static page over the data the pipeline writes beside it (data.js sets
+// window.RLM_DATA). No build step, no CDN: it opens from disk.
+"use strict";
+
+const KNOWN_SCHEMA = "rlm-pipelines/run@1";
+const DEPTH_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"];
+
+const data = window.RLM_DATA || null;
+const $ = (id) => document.getElementById(id);
+const nodes = {};
+
+function esc(text) {
+  return String(text ?? "").replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+}
+
+function highlightPython(code) {
+  // one pass over the raw code: comments, strings, keywords and numbers become spans, the rest is escaped
+  const token = /(#[^\n]*)|("""[\s\S]*?"""|'\'\'[\s\S]*?'\'\'|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')|\b(def|class|return|if|elif|else|for|while|in|import|from|as|with|try|except|finally|raise|lambda|not|and|or|is|None|True|False|print|yield|pass|break|continue)\b|\b(\d+(?:\.\d+)?)\b/g;
+  let out = "", last = 0, m;
+  while ((m = token.exec(code)) !== null) {
+    const cls = m[1] ? "com" : m[2] ? "str" : m[3] ? "kw" : "num";
+    out += esc(code.slice(last, m.index)) + `<span class="${cls}">${esc(m[0])}</span>`;
+    last = token.lastIndex;
+  }
+  return out + esc(code.slice(last));
+}
+
+function block(label, text, cls = "", open = false, html = null) {
+  if (text === null || text === undefined || text === "") return "";
+  const big = String(text).length > 2000;
+  const body = `<pre class="${cls}">${html ?? esc(text)}</pre>`;
+  return `<details class="text" ${open && !big ? "open" : ""}><summary>${label} (${String(text).length} chars)</summary>${body}</details>`;
+}
+
+function money(x) { return "$" + Number(x || 0).toFixed(4); }
+
+function stats(run) {
+  const agents = Object.values(nodes).filter((n) => n.kind === "agent");
+  const iterations = agents.reduce((s, n) => s + n.iterations.length, 0);
+  const maxDepth = agents.reduce((m, n) => Math.max(m, n.depth), 0);
+  const u = run.usage || {};
+  const items = [["status", run.status], ["agents", agents.length], ["max depth", maxDepth], ["iterations", iterations],
+    ["llm calls", u.llm_calls], ["tokens", (u.tokens || 0).toLocaleString()], ["dollars", money(u.cost_usd)],
+    ["wall time", `${Number(run.duration_s || 0).toFixed(1)} s`], ["task", run.task], ["model", run.model]];
+  $("stats").innerHTML = items.map(([k, v]) => `<div class="stat"><b>${esc(v)}</b><span>${k}</span></div>`).join("");
+}
+
+function index(node) {
+  nodes[node.id] = node;
+  node.children.forEach(index);
+}
+
+function treeHtml(node) {
+  const agents = node.children.filter((c) => c.kind === "agent");
+  const cost = node.usage && node.usage.total ? money(node.usage.total.cost_usd) : "";
+  const label = `<div class="node" data-id="${node.id}" style="--depth:${DEPTH_COLOURS[node.depth % DEPTH_COLOURS.length]}">
+      <b>${node.id}</b> <span class="badge ${node.status}">${node.status}</span> ${cost}
+      <div class="task">${esc(String(node.task).slice(0, 140))}</div></div>`;
+  if (!agents.length) return `<li>${label}</li>`;
+  return `<li><details open><summary>${label}</summary><ul>${agents.map(treeHtml).join("")}</ul></details></li>`;
+}
+
+function showAgent(id) {
+  const node = nodes[id];
+  if (!node) return;
+  document.querySelectorAll(".node").forEach((el) => el.classList.toggle("selected", el.dataset.id === id));
+  const its = node.iterations.map((it) => {
+    const kids = (it.children || []).filter((c) => nodes[c] && nodes[c].kind === "agent")
+      .map((c) => `<span class="child-link" data-id="${c}">${c}</span>`).join("");
+    const calls = (it.children || []).filter((c) => nodes[c] && nodes[c].kind === "llm_call").length;
+    const usage = it.usage || {};
+    return `<div class="iteration" data-index="${it.index}">
+      <div class="meta">iteration ${it.index + 1} · ${Number(it.duration_s || 0).toFixed(2)} s · ${usage.tokens ?? 0} tokens
+        ${calls ? ` · ${calls} llm calls` : ""}</div>
+      ${kids ? `<div class="children">spawned: ${kids}</div>` : ""}
+      ${block("prompt", it.prompt)}${block("response", it.response)}${block("reasoning", it.reasoning, "", true)}
+      ${block("code", it.code, "code", true, highlightPython(it.code || ""))}
+      ${block("stdout", it.stdout, "", true)}${block("stderr", it.stderr, "err", true)}${block("error", it.error, "err", true)}
+    </div>`;
+  }).join("");
+  $("agent").innerHTML = `<h2>Agent ${node.id} · depth ${node.depth} · ${node.status}</h2>
+    ${block("task", node.task, "", true)}${block("result", typeof node.result === "string" ? node.result : JSON.stringify(node.result, null, 1), "", true)}
+    ${node.result_truncated ? "<p><i>the parent saw this result cut</i></p>" : ""}
+    ${node.error ? block("error", node.error, "err", true) : ""}
+    <div id="iterations">${its || "<p>no iterations</p>"}</div>`;
+  document.querySelectorAll("#agent .child-link").forEach((el) => el.addEventListener("click", () => showAgent(el.dataset.id)));
+  applySearch();
+}
+
+function timeline(run) {
+  const agents = Object.values(nodes).filter((n) => n.kind === "agent" && n.started_at);
+  const t0 = Math.min(...agents.map((n) => Date.parse(n.started_at)));
+  const t1 = Math.max(...agents.map((n) => (n.ended_at ? Date.parse(n.ended_at) : Date.now())), t0 + 1);
+  $("timeline").innerHTML = agents.map((n) => {
+    const a = Date.parse(n.started_at), b = n.ended_at ? Date.parse(n.ended_at) : t1;
+    const left = ((a - t0) / (t1 - t0)) * 100, width = Math.max(0.5, ((b - a) / (t1 - t0)) * 100);
+    return `<div class="row" title="${n.id}: ${((b - a) / 1000).toFixed(2)} s"><div class="bar" data-id="${n.id}"
+      style="left:${left}%;width:${width}%;background:${DEPTH_COLOURS[n.depth % DEPTH_COLOURS.length]}"></div></div>`;
+  }).join("") + `<div class="meta">${((t1 - t0) / 1000).toFixed(1)} s from the first agent's start to the last one's end</div>`;
+  document.querySelectorAll("#timeline .bar").forEach((el) => el.addEventListener("click", () => showAgent(el.dataset.id)));
+}
+
+function llmCalls() {
+  const calls = Object.values(nodes).filter((n) => n.kind === "llm_call");
+  if (!calls.length) return;
+  $("calls").innerHTML = `<h2>llm_query calls (${calls.length})</h2>` + calls.map((c) =>
+    `<div class="iteration call">${block(`${c.id} prompt`, c.task)}${block(`${c.id} answer`, c.result)}</div>`).join("");
+}
+
+function patch(text) {
+  if (!text) return;
+  const lines = text.split("\n").map((l) => {
+    const cls = l.startsWith("+++") || l.startsWith("---") || l.startsWith("diff ") ? "file"
+      : l.startsWith("@@") ? "hunk" : l.startsWith("+") ? "add" : l.startsWith("-") ? "del" : "";
+    return cls ? `<span class="${cls}">${esc(l)}</span>` : esc(l) + "\n";
+  }).join("");
+  $("patch").innerHTML = `<h2>Patch</h2><pre class="diff">${lines}</pre>`;
+}
+
+function applySearch() {
+  const term = $("search").value.trim().toLowerCase();
+  document.querySelectorAll("mark").forEach((m) => m.replaceWith(...m.childNodes));
+  if (term.length < 2) return;
+  document.querySelectorAll("details.text pre").forEach((pre) => {
+    if (!pre.textContent.toLowerCase().includes(term)) return;
+    pre.closest("details").open = true;
+    const walker = document.createTreeWalker(pre, NodeFilter.SHOW_TEXT);
+    const hits = [];
+    while (walker.nextNode()) if (walker.currentNode.nodeValue.toLowerCase().includes(term)) hits.push(walker.currentNode);
+    hits.forEach((node) => {
+      const at = node.nodeValue.toLowerCase().indexOf(term);
+      const mark = document.createElement("mark");
+      const rest = node.splitText(at);
+      rest.splitText(term.length);
+      mark.appendChild(rest.cloneNode(true));
+      rest.replaceWith(mark);
+    });
+  });
+}
+
+function main() {
+  if (!data || !data.run) {
+    $("banner").hidden = false;
+    $("banner").textContent = "No run data found: data.js is missing beside this page.";
+    return;
+  }
+  const run = data.run;
+  if (run.schema !== KNOWN_SCHEMA) {
+    $("banner").hidden = false;
+    $("banner").textContent = `This run says schema "${run.schema}"; this viewer knows "${KNOWN_SCHEMA}". What it shows may be incomplete.`;
+  }
+  document.title = `${run.task} · ${run.model} · ${run.status}`;
+  $("title").textContent = `${run.task} · ${run.model} · run ${run.id}`;
+  if (run.root) index(run.root);
+  stats(run);
+  $("tree").innerHTML = run.root ? `<ul>${treeHtml(run.root)}</ul>` : "<p>no agents</p>";
+  document.querySelectorAll("#tree .node").forEach((el) => el.addEventListener("click", (e) => { e.preventDefault(); showAgent(el.dataset.id); }));
+  timeline(run);
+  llmCalls();
+  patch(data.patch);
+  $("plots").innerHTML = (data.plots || []).map((p) => `<h2>${esc(p)}</h2><img class="plot" src="../${esc(p)}" alt="${esc(p)}">`).join("");
+  $("search").addEventListener("input", applySearch);
+  if (run.root) showAgent(run.root.id);
+}
+
+main();
