@@ -66,6 +66,9 @@ def _app(cfg) -> int:
     except KeyboardInterrupt:
         print(f"cancelled: run.json in {run_dir} records everything up to now", file=sys.stderr)
         return 130
+    except Exception as exc:  # recorded in run.json and summary.json; a sweep goes on with its next job
+        print(f"error: {type(exc).__name__}: {exc}\n(run.json and summary.json in {run_dir})", file=sys.stderr)
+        return 1
     print(f"{summary['status']}: {summary['iterations']} iterations, {summary['llm_calls']} llm calls, "
           f"{summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}, {summary['wall_time_s']:.1f} s -> "
           f"{run_dir}", file=sys.stderr)
