@@ -115,6 +115,7 @@ class OrchestrationConfig:
     retries: int = 2  # of the engine step, on transient infrastructure errors only
     retry_delay_s: float = 5.0
     progress: bool = True  # per-iteration lines and progress bars on the console
+    outputs_dir: str = "outputs"  # where scheduled runs (which Hydra does not launch) write their run folders
 
 
 @dataclass

@@ -45,6 +45,14 @@ class Run:
     wrap_agent: Any = None  # repo engine: how each agent runs (the Prefect flow makes it a task run)
 
 
+def default_run_dir(config: dict[str, Any]) -> str:
+    """outputs/runs/<task>/<date>/<time>_<model>, as Hydra names a run folder, for runs Hydra does not launch
+    (scheduled ones)."""
+    now = time.strftime("%Y-%m-%d/%H-%M-%S")
+    base = Path(config.get("orchestration", {}).get("outputs_dir", "outputs")).expanduser().resolve()
+    return str(base / "runs" / config["task"]["name"] / f"{now}_{config['model']['name']}")
+
+
 def _typed(config: dict[str, Any]) -> RunConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), config))  # type: ignore
 
@@ -124,6 +132,7 @@ def summarize(run: Run) -> dict[str, Any]:
     if run.result is not None:
         score = run.task.score(run.result, run.inputs, run.params)
     summary = {
+        **run.task.summary(run.result or {}, run.params, run.run_dir),
         "run_id": tree["id"], "task": tree["task"], "engine": tree["engine"], "model": tree["model"],
         "model_name": tree.get("model_name"), "status": tree["status"], "error": tree["error"],
         "iterations": run.tree.iterations, "agents": run.tree.agents, "max_depth": run.tree.max_depth,

@@ -6,7 +6,8 @@ on transient infrastructure errors only. Artifacts: a summary table and the link
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -34,6 +35,12 @@ def _artifacts(summary: dict[str, Any]) -> None:
     create_table_artifact(key="rlm-run-summary", table=[{k: summary.get(k) for k in ("task", "model") + keys}],
                           description=f"rlm-pipelines run {summary['run_id']}")
     links = "\n".join(f"- [{name}](file://{summary['run_dir']}/{name})" for name in summary["files"])
+    comparison = summary.get("comparison")
+    if comparison:  # scheduled audits: what changed since the last one
+        create_table_artifact(key="rlm-audit-comparison", description=comparison["against"] or "first audit",
+                              table=[{"change": kind, "count": len(comparison[kind]),
+                                      "findings": "; ".join(f"{f['file']}: {f['kind']}" for f in comparison[kind][:10])}
+                                     for kind in ("new", "still_open", "resolved")])
     create_markdown_artifact(key="rlm-run-outputs", description="where this run's outputs are",
                              markdown=f"### Outputs of run {summary['run_id']}\n\n`{summary['run_dir']}`\n\n{links}\n")
 
@@ -50,7 +57,10 @@ def _agent_task_runs(retries: int, delay: float) -> Any:
 
 
 @flow(name="rlm-run", flow_run_name="{config[task][name]}-{config[model][name]}", log_prints=True)
-def rlm_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def rlm_run(config: dict[str, Any], run_dir: Optional[str] = None) -> dict[str, Any]:
+    """One run. `run_dir` is given by the CLI (Hydra's folder); scheduled runs get a fresh one."""
+    run_dir = run_dir or flows.default_run_dir(config)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     run = flows.open_run(config, run_dir)
     retries = run.cfg.orchestration.retries
     run.wrap_agent = _agent_task_runs(retries, run.cfg.orchestration.retry_delay_s)

@@ -67,6 +67,11 @@ class Task:
     def score(self, result: dict[str, Any], inputs: dict[str, Any], params: Any) -> Optional[float]:
         return None
 
+    def summary(self, result: dict[str, Any], params: Any, run_dir: Path) -> dict[str, Any]:
+        """Task-specific entries for summary.json (and the Prefect summary), e.g. a comparison with the last
+        run."""
+        return {}
+
 
 def discover() -> dict[str, Task]:
     """Every installed task, by name."""

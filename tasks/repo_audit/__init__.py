@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from rlm_pipelines.models.scripted import DepthScript, Turn
 from rlm_pipelines.tasks import RepoParams, RepoTask
@@ -31,6 +32,16 @@ class RepoAuditParams(RepoParams):
 class RepoAudit(RepoTask):
     name = "repo_audit"
     params = RepoAuditParams
+
+    def downstream(self, result: dict[str, Any], inputs: dict[str, Any], params: RepoAuditParams,
+                   run_dir: Path, model: str = "") -> list[str]:
+        comparison = compare(result.get("findings") or [], previous_audit(run_dir, params))
+        (run_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
+        return ["comparison.json"]
+
+    def summary(self, result: dict[str, Any], params: RepoAuditParams, run_dir: Path) -> dict[str, Any]:
+        path = run_dir / "comparison.json"
+        return {"comparison": json.loads(path.read_text())} if path.is_file() else {}
 
     def script(self, params: RepoAuditParams) -> Any:
         checks = json.dumps(CHECKS)
@@ -63,6 +74,39 @@ class RepoAudit(RepoTask):
                  "FINAL(json.dumps(found))", "Run the checks on this package."),
         ]
         return DepthScript({0: root, 1: package})
+
+
+def _key(finding: dict[str, Any]) -> tuple:
+    # line numbers move as code changes above a finding; file, kind and the offending line identify it
+    return finding.get("file"), finding.get("kind"), " ".join(str(finding.get("evidence", "")).split())
+
+
+def previous_audit(run_dir: Path, params: RepoAuditParams) -> Optional[Path]:
+    """The latest successful audit of the same repo and branch before this run (its run folder)."""
+    runs_root = run_dir.parent.parent  # run_dir is outputs/runs/repo_audit/<date>/<time>_<model>
+    candidates = []
+    for summary_file in runs_root.glob("*/*/summary.json"):
+        folder = summary_file.parent
+        if folder == run_dir:
+            continue
+        try:
+            summary = json.loads(summary_file.read_text())
+            run = json.loads((folder / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if summary.get("status") == "ok" and run.get("repo") == params.repo and run.get("branch") == params.branch:
+            candidates.append((run.get("started_at", ""), folder))
+    return max(candidates)[1] if candidates else None
+
+
+def compare(findings: list[dict[str, Any]], previous: Optional[Path]) -> dict[str, Any]:
+    """New, still-open and resolved findings against the previous audit (all new when there is none)."""
+    before = json.loads((previous / "result.json").read_text()).get("findings", []) if previous else []
+    old, now = {_key(f): f for f in before}, {_key(f): f for f in findings}
+    return {"against": str(previous) if previous else None,
+            "new": [f for k, f in now.items() if k not in old],
+            "still_open": [f for k, f in now.items() if k in old],
+            "resolved": [f for k, f in old.items() if k not in now]}
 
 
 task = RepoAudit()
