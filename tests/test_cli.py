@@ -191,3 +191,5 @@ def test_repo_run_through_prefect_has_a_task_run_per_agent(prefect_server, tmp_p
     assert len(agent_runs) == 1 + 3 + TODOS
     assert {t["name"] for t in agent_runs} == {"agent-depth0", "agent-depth1", "agent-depth2"}
     assert all(t["state_type"] == "COMPLETED" for t in agent_runs)
+    artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["rlm-run-summary"]}}})
+    assert any(a["flow_run_id"] == flow_runs[-1]["id"] for a in artifacts)
