@@ -53,9 +53,12 @@ function index(node) {
 function treeHtml(node) {
   const agents = node.children.filter((c) => c.kind === "agent");
   const cost = node.usage && node.usage.total ? money(node.usage.total.cost_usd) : "";
+  const result = node.result === null || node.result === undefined ? ""
+    : (typeof node.result === "string" ? node.result : JSON.stringify(node.result));
   const label = `<div class="node" data-id="${node.id}" style="--depth:${DEPTH_COLOURS[node.depth % DEPTH_COLOURS.length]}">
       <b>${node.id}</b> <span class="badge ${node.status}">${node.status}</span> ${cost}
-      <div class="task">${esc(String(node.task).slice(0, 140))}</div></div>`;
+      <div class="task">${esc(String(node.task).slice(0, 140))}</div>
+      ${result ? `<div class="result">&rarr; ${esc(result.slice(0, 120))}</div>` : ""}</div>`;
   if (!agents.length) return `<li>${label}</li>`;
   return `<li><details open><summary>${label}</summary><ul>${agents.map(treeHtml).join("")}</ul></details></li>`;
 }
