@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# (importing __main__ also applies its Prefect and litellm environment defaults)
 from rlm_pipelines.__main__ import CONF, UsageError, _check
 
 
@@ -48,8 +49,6 @@ def deployments_config(argv: list[str]) -> tuple[Any, list[tuple[str, dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import rlm_pipelines.__main__  # noqa: F401 - Prefect and litellm settings
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         schedule, plans = deployments_config(argv)

@@ -110,6 +110,11 @@ class RunTree:
 
     # -- the run
 
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a run-level usage counter (atomic: parallel agents count sandboxes at once)."""
+        with self._lock:
+            self.run["usage"][key] += n
+
     def set_usage(self, usage: dict[str, Any]) -> None:
         with self._lock:
             self.run["usage"].update(usage)

@@ -154,7 +154,7 @@ def run_document(task: Any, params: Any, inputs: dict[str, Any], cfg: Any, tree:
 
     def started(sandbox_id: str) -> None:
         tree.update_node(agent, sandbox_id=sandbox_id)
-        tree.set_usage({"sandboxes": tree.run["usage"]["sandboxes"] + 1})
+        tree.count("sandboxes")
 
     rlm = SandboxRLM(signature, interpreter_factory=SandboxInterpreterFactory(cfg.sandbox, on_start=started),
                      batch_concurrency=limits.concurrency, max_iters=limits.max_iterations,

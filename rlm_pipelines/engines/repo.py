@@ -147,7 +147,7 @@ class RepoRun:
             sandbox.start()
             made = True
             self.tree.update_node(agent, sandbox_id=sandbox.id)
-            self.tree.set_usage({"sandboxes": self.tree.run["usage"]["sandboxes"] + 1})
+            self.tree.count("sandboxes")
             self._checkout(sandbox, depth)
             return Agent(self, agent, task, depth, sandbox).run()
         except Cancelled as exc:
