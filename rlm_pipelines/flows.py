@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 
@@ -185,29 +185,53 @@ def is_transient_infra(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------- chaining
 
 
-def run_steps(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """All steps in-process; the same order and error handling as the Prefect flow."""
-    run = open_run(config, run_dir)
+STEPS: tuple[tuple[str, Callable[[Run], Any]], ...] = (
+    ("prepare inputs", prepare_inputs), ("run engine", run_engine),
+    ("write outputs", write_outputs), ("downstream steps", downstream))
+
+Step = Callable[[str, Callable[[Run], Any]], Callable[[Run], Any]]
+
+
+def execute(run: Run, as_step: Step,
+            on_finish: Callable[[dict[str, Any]], None] = lambda summary: None) -> dict[str, Any]:
+    """Run the steps in order, each through `as_step(name, function)` (as it is, or as a Prefect task run).
+    Whatever happens, run.json, summary.json and the viewer are written; a spent budget is a result, any other
+    failure is raised after that."""
     try:
-        prepare_inputs(run)
+        for name, function in STEPS:
+            as_step(name, function)(run)
+    except BaseException as exc:
+        summary = finish(run, status_of(exc), f"{type(exc).__name__}: {exc}")
+        on_finish(summary)
+        if isinstance(exc, BudgetExceeded):
+            return summary
+        raise
+    summary = finish(run, "ok")
+    on_finish(summary)
+    return summary
+
+
+def _in_process(name: str, function: Callable[[Run], Any]) -> Callable[[Run], Any]:
+    if name != "run engine":
+        return function
+
+    def with_retries(run: Run) -> Any:  # what the Prefect flow gets from task retries
         attempts = run.cfg.orchestration.retries + 1
         for attempt in range(attempts):
             try:
-                run_engine(run)
-                break
+                return function(run)
             except Exception as exc:
                 if attempt + 1 >= attempts or not is_transient_infra(exc):
                     raise
                 run.progress.line(f"transient failure ({exc}); retrying the engine step")
                 time.sleep(run.cfg.orchestration.retry_delay_s)
-        write_outputs(run)
-        downstream(run)
-    except BaseException as exc:
-        summary = finish(run, status_of(exc), f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, (KeyboardInterrupt, BudgetExceeded)):
-            return summary
-        raise
-    return finish(run, "ok")
+
+    return with_retries
+
+
+def run_steps(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """All steps in-process, without Prefect."""
+    return execute(open_run(config, run_dir), _in_process)
 
 
 def run_prefect(config: dict[str, Any], run_dir: str) -> dict[str, Any]:

@@ -24,10 +24,16 @@ def _transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-prepare_step = task(flows.prepare_inputs, name="prepare inputs", cache_policy=NONE)
-engine_step = task(flows.run_engine, name="run engine", cache_policy=NONE, retry_condition_fn=_transient)
-outputs_step = task(flows.write_outputs, name="write outputs", cache_policy=NONE)
-downstream_step = task(flows.downstream, name="downstream steps", cache_policy=NONE)
+def _as_task(retries: int, delay: float) -> flows.Step:
+    """Each step a task run; only the engine step is retried, and only on transient infrastructure errors."""
+
+    def as_step(name: str, function: Any) -> Any:
+        if name != "run engine":
+            return task(function, name=name, cache_policy=NONE)
+        return task(function, name=name, cache_policy=NONE, retries=retries, retry_delay_seconds=delay,
+                    retry_condition_fn=_transient)
+
+    return as_step
 
 
 def _artifacts(summary: dict[str, Any]) -> None:
@@ -62,19 +68,6 @@ def rlm_run(config: dict[str, Any], run_dir: Optional[str] = None) -> dict[str, 
     run_dir = run_dir or flows.default_run_dir(config)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     run = flows.open_run(config, run_dir)
-    retries = run.cfg.orchestration.retries
-    run.wrap_agent = _agent_task_runs(retries, run.cfg.orchestration.retry_delay_s)
-    try:
-        prepare_step(run)
-        engine_step.with_options(retries=retries, retry_delay_seconds=run.cfg.orchestration.retry_delay_s)(run)
-        outputs_step(run)
-        downstream_step(run)
-    except BaseException as exc:
-        summary = flows.finish(run, flows.status_of(exc), f"{type(exc).__name__}: {exc}")
-        _artifacts(summary)
-        if isinstance(exc, flows.BudgetExceeded):
-            return summary
-        raise
-    summary = flows.finish(run, "ok")
-    _artifacts(summary)
-    return summary
+    retries, delay = run.cfg.orchestration.retries, run.cfg.orchestration.retry_delay_s
+    run.wrap_agent = _agent_task_runs(retries, delay)
+    return flows.execute(run, _as_task(retries, delay), on_finish=_artifacts)
