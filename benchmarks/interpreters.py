@@ -1,11 +1,13 @@
 """Our sandbox interpreter against dspy's own interpreters, measured side by side in one run.
 
+    bash benchmarks/setup_peers.sh          # once: Deno + Pyodide for dspy's default interpreter
     python benchmarks/interpreters.py [--quick]
 
 Peers: our local sandbox (bubblewrap), the same without isolation, dspy's LocalInterpreter (a plain
 subprocess), dspy's PythonInterpreter (Deno + Pyodide; see peers.py). Every peer runs the same code through
-the dspy CodeInterpreter protocol, the way dspy.RLM drives it. Prints p50/p95 per figure and our ratio to
-each peer; writes benchmarks/results/interpreters.json.
+the dspy CodeInterpreter protocol, the way dspy.RLM drives it. A peer that cannot start is skipped with the
+reason. Prints p50/p95 per figure, our ratio to each peer and the DESIGN targets; writes
+benchmarks/results/interpreters.json.
 """
 
 from __future__ import annotations
@@ -13,39 +15,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from benchmarks import peers  # noqa: E402
+from benchmarks import peers
 
 TARGETS_MS = {"start": 100, "warm": 1, "host_call": 0.5, "input_1mib": 2, "batch64": 250}
 LABELS = {"start": "start to first result", "warm": "warm print(6*7)", "host_call": "host call round trip",
-          "input_1mib": "1 MiB input, per iteration", "batch64": "64 batched llm_query (100 ms LM)"}
+          "input_1mib": "1 MiB input, per iteration", "batch64": "64 batched llm_query, 100 ms LM"}
+HOST_CALLS = 200  # ping() calls per cell; the figure is the cell's time / HOST_CALLS
+ITERATIONS = 10  # the 1 MiB input: execute(code, variables={"doc": ...}) this many times, as RLM iterates
+BATCH = 64
+METHOD = {
+    "start": "construct the interpreter + execute('print(6*7)'): a new interpreter each trial",
+    "warm": "execute('print(6*7)') on a started interpreter with its tools registered",
+    "host_call": f"one cell calling a registered tool ping() -> 'pong' {HOST_CALLS} times, cell time / {HOST_CALLS} "
+                 "(the cell's own overhead is spread over the calls, not subtracted)",
+    "input_1mib": f"execute('n = len(doc)', variables={{'doc': <1 MiB str>}}) {ITERATIONS} times, each timed; "
+                  "the same dict each time, as dspy.RLM passes its inputs to every execute call",
+    "batch64": f"execute(llm_query_batched({BATCH} prompts)) through the RLM's own tools; the sub-LM sleeps 100 ms",
+}
 ONE_MIB = "x" * (1 << 20)
 
 
 class SlowLM:
-    """A sub-LM with 100 ms latency, called through dspy's own llm_query wiring."""
+    """A sub-LM with 100 ms latency: dspy's llm_query tools call it and take the first text."""
 
     def __call__(self, prompt: str, **kwargs: Any) -> list[str]:
         time.sleep(0.1)
-        return [f"answer to {prompt[:10]}"]
+        return [f"answer to {prompt[:12]}"]
 
 
-def llm_tools(ours: bool) -> dict[str, Callable]:
-    import dspy
-
-    from rlm_pipelines.engines.document import SandboxRLM
-
-    kind = SandboxRLM if ours else dspy.RLM
-    extra = {"sandbox": None} if ours else {}
-    return kind("q -> a", sub_lm=SlowLM(), max_llm_calls=100_000, **extra)._make_llm_tools()
+def ping() -> str:
+    return "pong"
 
 
 def timed(function: Callable[[], Any]) -> float:
@@ -54,82 +62,125 @@ def timed(function: Callable[[], Any]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def measure(factory: Callable[[], Any], ours: bool, rounds: int) -> dict[str, list[float]]:
+def measure(peer: peers.Peer, trials: dict[str, int]) -> dict[str, list[float]]:
     figures: dict[str, list[float]] = {k: [] for k in TARGETS_MS}
-    for _ in range(max(3, rounds // 10)):
-        interp = factory()
-        figures["start"].append(timed(lambda: interp.execute("print(6*7)")))
-        interp.shutdown()
+    for _ in range(trials["start"]):
+        made: list[Any] = []
 
-    interp = factory()
-    interp.tools.update({"ping": lambda: "pong", **llm_tools(ours)})
-    interp._tools_registered = False
+        def first(made: list[Any] = made) -> None:
+            made.append(peer.make({}))
+            assert made[0].execute("print(6*7)").strip() == "42"
+
+        try:
+            figures["start"].append(timed(first))
+        finally:
+            if made:
+                made[0].shutdown()
+
+    interp = peer.make({"ping": ping, **peer.llm_tools(SlowLM())})
     try:
-        interp.execute("print(6*7)")
-        for _ in range(rounds):
+        interp.execute("print(6*7)")  # starts it and registers the tools, outside the timings
+        assert interp.execute("print(ping())").strip() == "pong"
+        for _ in range(trials["warm"]):
             figures["warm"].append(timed(lambda: interp.execute("print(6*7)")))
-        calls = 50
-        for _ in range(max(5, rounds // 20)):
-            figures["host_call"].append(timed(lambda: interp.execute(f"for _ in range({calls}): ping()")) / calls)
-        for _ in range(10):  # as dspy.RLM does: the inputs are passed to every execute call
-            figures["input_1mib"].append(timed(lambda: interp.execute("n = len(doc)", {"doc": ONE_MIB})))
-        for _ in range(3):
-            figures["batch64"].append(timed(lambda: interp.execute(
-                "r = llm_query_batched([f'prompt {i}' for i in range(64)]); assert len(r) == 64")))
+        for _ in range(trials["host_call"]):
+            figures["host_call"].append(timed(lambda: interp.execute(f"for _ in range({HOST_CALLS}): ping()"))
+                                        / HOST_CALLS)
+        inputs = {"doc": ONE_MIB}
+        for _ in range(ITERATIONS):
+            figures["input_1mib"].append(timed(lambda: interp.execute("n = len(doc)", inputs)))
+        assert interp.execute("print(n)").strip() == str(len(ONE_MIB))
+        batch = (f"r = llm_query_batched([f'prompt {{i}}' for i in range({BATCH})])\n"
+                 f"assert len(r) == {BATCH} and r[0].startswith('answer'), r[:2]")
+        for _ in range(trials["batch64"]):
+            figures["batch64"].append(timed(lambda: interp.execute(batch)))
     finally:
         interp.shutdown()
     return figures
 
 
 def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (the q-th value of the sorted trials)."""
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, max(0, int(-(-q * len(values) // 1)) - 1))]
+
+
+def trials_for(peer: peers.Peer, quick: bool) -> dict[str, int]:
+    slow = "Deno" in peer.name  # seconds per start: fewer of those trials, same counts otherwise
+    if quick:
+        return {"start": 3 if slow else 10, "warm": 50, "host_call": 10, "batch64": 3}
+    return {"start": 10 if slow else 30, "warm": 300, "host_call": 30, "batch64": 5}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--quick", action="store_true", help="fewer trials (about a minute)")
+    parser.add_argument("--only", action="append", help="measure only peers whose name contains this")
     args = parser.parse_args()
-    rounds = 50 if args.quick else 200
 
-    candidates: dict[str, tuple[Callable[[], Any], bool, str]] = {
-        "ours (bwrap)": (peers.ours("bwrap"), True, "our sandbox, bubblewrap isolation"),
-        "ours (none)": (peers.ours("none"), True, "our sandbox without isolation"),
-        "dspy LocalInterpreter": (peers.dspy_local(), False, "plain subprocess, no isolation"),
-    }
-    deno, note = peers.deno_pyodide()
-    if deno is not None:
-        candidates["dspy Deno/Pyodide"] = (deno, False, note)
-    else:
-        print(f"skipped dspy Deno/Pyodide: {note}")
+    candidates = [peers.ours("bwrap"), peers.ours("none"), peers.dspy_local(), peers.deno_pyodide()]
+    names = ["ours (bwrap)", "ours (none)", "dspy LocalInterpreter", "dspy Deno/Pyodide"]
+    notes: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    chosen: list[peers.Peer] = []
+    for name, (peer, note) in zip(names, candidates):
+        if args.only and not any(o.lower() in name.lower() for o in args.only):
+            continue
+        if peer is None:
+            skipped[name] = note
+            print(f"SKIPPED {name}: {note}")
+        else:
+            chosen.append(peer)
+            notes[name] = note
 
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for name, (factory, ours, about) in candidates.items():
-        print(f"measuring {name} ({about}) ...", flush=True)
-        peer_rounds = rounds if "Deno" not in name else max(20, rounds // 4)
-        figures = measure(factory, ours, peer_rounds)
-        results[name] = {k: {"p50": pct(v, 0.5), "p95": pct(v, 0.95), "n": len(v)} for k, v in figures.items()}
+    for peer in chosen:
+        print(f"measuring {peer.name}: {notes[peer.name]} ...", flush=True)
+        try:
+            figures = measure(peer, trials_for(peer, args.quick))
+        except Exception as exc:  # noqa: BLE001 - one broken peer must not hide the others
+            skipped[peer.name] = f"failed while measured: {type(exc).__name__}: {str(exc)[:300]}"
+            print(f"SKIPPED {peer.name}: {skipped[peer.name]}")
+            continue
+        results[peer.name] = {k: {"p50": pct(v, 0.5), "p95": pct(v, 0.95), "mean": sum(v) / len(v), "n": len(v)}
+                              for k, v in figures.items()}
 
-    names = list(results)
-    print(f"\n{'figure (ms)':34}" + "".join(f"{n:>24}" for n in names) + f"{'target':>9}")
+    shown = list(results)
+    if not shown:
+        sys.exit("no interpreter could be measured")
+    width = max(22, *(len(n) + 2 for n in shown))
+    print(f"\n{'figure, ms (p50 / p95)':32}" + "".join(f"{n:>{width}}" for n in shown) + "  target")
     for key, label in LABELS.items():
-        cells = "".join(f"{results[n][key]['p50']:>12.3f} /{results[n][key]['p95']:>9.3f}" for n in names)
-        ok = "ok" if results[names[0]][key]["p50"] <= TARGETS_MS[key] else "MISSED"
-        print(f"{label:34}{cells}{'<= ' + str(TARGETS_MS[key]):>9} {ok}")
-    print("(each cell: p50 / p95)\n\nratio of ours (bwrap) p50 to each peer's p50 (below 1 = ours faster):")
-    for key, label in LABELS.items():
-        ratios = "  ".join(f"{n}: {results[names[0]][key]['p50'] / results[n][key]['p50']:.2f}x"
-                           for n in names[1:] if results[n][key]["p50"] > 0)
-        print(f"  {label:34}{ratios}")
+        cells = "".join(f"{results[n][key]['p50']:>{width - 11}.3f} /{results[n][key]['p95']:>9.3f}" for n in shown)
+        print(f"{label:32}{cells}  <= {TARGETS_MS[key]:g}")
+        if key == "input_1mib":  # a design that sends the input once pays on the first iteration: show the mean too
+            print(f"{'  mean of the ' + str(ITERATIONS):32}" + "".join(f"{results[n][key]['mean']:>{width - 11}.3f}"
+                                                                       + " " * 11 for n in shown))
+    ours = [n for n in shown if n.startswith("ours")]
+    for mine in ours:
+        print(f"\ntargets, {mine} p50: " + ", ".join(
+            f"{key} {'ok' if results[mine][key]['p50'] <= TARGETS_MS[key] else 'MISSED'}" for key in TARGETS_MS))
+        others = [n for n in shown if n not in ours]
+        print(f"ratio of {mine} p50 to each peer's p50 (below 1: ours faster):")
+        for key, label in LABELS.items():
+            print(f"  {label:32}" + "  ".join(f"{n}: {results[mine][key]['p50'] / results[n][key]['p50']:.3f}x"
+                                               for n in others if results[n][key]["p50"] > 0))
+    if not ours:
+        print("\n(no ratios: our interpreter was not measured; see SKIPPED above)")
+    print("\nhow each figure is measured:")
+    for key, text in METHOD.items():
+        print(f"  {key:11}{text}")
+    for name, note in notes.items():
+        if "Deno" in name:
+            print(f"\nnote, {name}: {note}")
 
     out = Path(__file__).resolve().parent / "results" / "interpreters.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"results": results, "targets_ms": TARGETS_MS, "deno_note": note,
-                               "cpus": os.cpu_count(), "python": sys.version.split()[0],
-                               "at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    out.write_text(json.dumps({"results": results, "targets_ms": TARGETS_MS, "method": METHOD, "notes": notes,
+                               "skipped": skipped, "quick": args.quick, "cpus": os.cpu_count(),
+                               "python": sys.version.split()[0], "at": time.strftime("%Y-%m-%d %H:%M:%S")},
+                              indent=2))
     print(f"\nwrote {out}")
-    medians = {k: statistics.median([results[n][k]["p50"] for n in names]) for k in TARGETS_MS}
-    print("median p50 across peers:", {k: round(v, 3) for k, v in medians.items()})
 
 
 if __name__ == "__main__":
