@@ -67,6 +67,7 @@ class SubModelSpec:
     max_tokens: Optional[int] = None
     timeout_s: Optional[float] = None
     num_retries: Optional[int] = None
+    retry_base_s: Optional[float] = None
     input_cost_per_mtok: Optional[float] = None
     output_cost_per_mtok: Optional[float] = None
 
@@ -82,7 +83,8 @@ class ModelSpec:
     temperature: float = 0.0
     max_tokens: int = 4096
     timeout_s: float = 120.0
-    num_retries: int = 3
+    num_retries: int = 3  # of transient errors (429, 5xx, timeouts, dropped connections), per call
+    retry_base_s: float = 1.0  # backoff before retry n is about retry_base_s * 2**n (with jitter, capped)
     # Prices for models litellm's bundled map lacks, in dollars per million tokens.
     input_cost_per_mtok: Optional[float] = None
     output_cost_per_mtok: Optional[float] = None

@@ -1,10 +1,14 @@
 """The model layer against a real OpenAI-compatible HTTP server on 127.0.0.1, and the offline provider."""
 
+import asyncio
+import logging
+import threading
+
 import pytest
 
 from rlm_pipelines.config import ModelSpec, SubModelSpec
-from rlm_pipelines.models import LLMClient, MissingKeyError, ModelError, UsageLedger, build_dspy_lm, check_key
-from rlm_pipelines.models import litellm_client
+from rlm_pipelines.models import (LLMClient, MissingKeyError, ModelError, UsageLedger, build_dspy_lm, check_key,
+                                  sub_spec)
 from rlm_pipelines.models.scripted import Turn, TurnScript, register_script
 from tests.fakes.openai_server import OpenAIServer
 
@@ -15,50 +19,101 @@ SECRET = "sk-test-secret-123"
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
-    monkeypatch.setattr(litellm_client, "RETRY_BASE_S", 0.01)
     with OpenAIServer(reply=lambda req: "reply to " + req["messages"][-1]["content"][:20]) as srv:
         yield srv
 
 
 def spec_for(server, **overrides):
     fields = dict(model="openai/fake-model-a", api_key_env=KEY_ENV, api_base=server.url, num_retries=2,
-                  input_cost_per_mtok=2.0, output_cost_per_mtok=8.0)
+                  retry_base_s=0.01, input_cost_per_mtok=2.0, output_cost_per_mtok=8.0)
     fields.update(overrides)
     return ModelSpec(**fields)
 
 
+def priced(record, spec):
+    return (record.prompt_tokens * spec.input_cost_per_mtok
+            + record.completion_tokens * spec.output_cost_per_mtok) / 1e6
+
+
+def call(path, spec, ledger=None, prompt="x"):
+    """One call on either path: litellm (repo engine) or dspy.LM (document engine)."""
+    if path == "litellm":
+        return LLMClient(spec, ledger).complete(prompt).text
+    return build_dspy_lm(spec, ledger)(prompt)[0]
+
+
+# --------------------------------------------------------------------------- real HTTP
+
+
 def test_litellm_path_real_http_usage_cost_and_key(server):
-    ledger = UsageLedger()
-    out = LLMClient(spec_for(server), ledger).complete("hello there")
+    ledger, seen = UsageLedger(), []
+    ledger.listener = seen.append
+    spec = spec_for(server)
+    out = LLMClient(spec, ledger).complete("hello there")
     assert out.text == "reply to hello there"
-    assert server.requests[-1]["headers"]["authorization"] == f"Bearer {SECRET}"
+    request = server.requests[-1]
+    assert request["path"] == "/v1/chat/completions" and request["body"]["model"] == "fake-model-a"
+    assert request["headers"]["authorization"] == f"Bearer {SECRET}"
     assert out.prompt_tokens > 0 and out.completion_tokens > 0
-    expected = (out.prompt_tokens * 2.0 + out.completion_tokens * 8.0) / 1e6
-    assert out.cost_usd == pytest.approx(expected)
+    assert out.cost_usd == pytest.approx(priced(out, spec))
     snap = ledger.snapshot()
-    assert snap["calls"] == 1 and snap["cost_usd"] == pytest.approx(expected, abs=1e-6)
+    assert snap["calls"] == 1 and snap["errors"] == 0 and snap["cost_usd"] == pytest.approx(out.cost_usd, abs=1e-6)
+    assert snap["tokens"] == out.prompt_tokens + out.completion_tokens
+    assert seen == ledger.records and seen[0].ok and seen[0].duration_s > 0
     assert SECRET not in repr(ledger.as_dicts()) and SECRET not in repr(snap)
 
 
 def test_dspy_lm_path_real_http_records_usage(server):
     ledger = UsageLedger()
-    lm = build_dspy_lm(spec_for(server, model="openai/fake-model-b"), ledger)
+    spec = spec_for(server, model="openai/fake-model-b")
+    lm = build_dspy_lm(spec, ledger, role="root")
+    assert lm.engine == "litellm" and lm.cache is False
     assert lm("what is up")[0] == "reply to what is up"
     assert server.requests[-1]["headers"]["authorization"] == f"Bearer {SECRET}"
     record = ledger.records[-1]
-    assert record.ok and record.prompt_tokens > 0
-    assert record.cost_usd == pytest.approx((record.prompt_tokens * 2.0 + record.completion_tokens * 8.0) / 1e6)
+    assert record.ok and record.prompt_tokens > 0 and record.role == "root"
+    assert record.cost_usd == pytest.approx(priced(record, spec))
+    assert lm.last_call()["outputs"] == ["reply to what is up"]
+    assert SECRET not in repr(ledger.as_dicts()) and SECRET not in repr(lm.last_call())
+
+
+def test_dspy_lm_usage_is_per_call_even_with_history_disabled(server):
+    """dspy skips its history hook when history is off; usage must still be this call's, never the last."""
+    import dspy
+
+    ledger = UsageLedger()
+    lm = build_dspy_lm(spec_for(server, model="openai/fake-model-c"), ledger)
+    lm("long prompt " * 200)
+    with dspy.context(disable_history=True):
+        lm("short")
+    long, short = ledger.records
+    assert long.prompt_tokens > 500 and 0 < short.prompt_tokens < 20
+
+
+def test_dspy_lm_async_calls_are_retried_and_recorded(server):
+    server.fail(503)
+    ledger = UsageLedger()
+    lm = build_dspy_lm(spec_for(server, model="openai/fake-model-async"), ledger)
+
+    async def both():
+        return await asyncio.gather(lm.acall("a" * 40), lm.acall("b" * 80))
+
+    first, second = asyncio.run(both())
+    assert (first[0], second[0]) == ("reply to " + "a" * 20, "reply to " + "b" * 20)
+    assert len(server.requests) == 3
+    assert sorted(r.attempts for r in ledger.records) == [1, 2]
+    # interleaved on one event loop, each call still gets its own usage (the server counts chars/4 + 1)
+    assert sorted(r.prompt_tokens for r in ledger.records) == [11, 21] and all(r.cost_usd > 0 for r in ledger.records)
 
 
 @pytest.mark.parametrize("path", ["litellm", "dspy"])
-def test_429_then_success_is_retried(server, path):
-    server.fail(429)
-    spec = spec_for(server, model=f"openai/fake-429-{path}")
-    if path == "litellm":
-        assert LLMClient(spec).complete("again").text == "reply to again"
-    else:
-        assert build_dspy_lm(spec)("again")[0] == "reply to again"
+@pytest.mark.parametrize("status", [429, 500, 502, 503])
+def test_transient_error_then_success_is_retried(server, path, status):
+    server.fail(status)
+    ledger = UsageLedger()
+    assert call(path, spec_for(server, model=f"openai/fake-{status}-{path}"), ledger, "again") == "reply to again"
     assert len(server.requests) == 2
+    assert ledger.records[-1].ok and ledger.records[-1].attempts == 2
 
 
 @pytest.mark.parametrize("path", ["litellm", "dspy"])
@@ -66,22 +121,63 @@ def test_500_forever_fails_after_retries_with_provider_message(server, path):
     server.fail_always(500)
     ledger = UsageLedger()
     spec = spec_for(server, model=f"openai/fake-500-{path}", num_retries=2)
-    call = (lambda: LLMClient(spec, ledger).complete("x")) if path == "litellm" else \
-        (lambda: build_dspy_lm(spec, ledger)("x"))
-    with pytest.raises(ModelError, match="after 3 attempts.*fake provider error 500"):
-        call()
+    with pytest.raises(ModelError, match="fake-500.*after 3 attempts.*fake provider error 500") as error:
+        call(path, spec, ledger)
+    assert error.value.attempts == 3 and error.value.transient  # the pipeline may retry its step later
     assert len(server.requests) == 3
     assert ledger.records[-1].ok is False and ledger.records[-1].attempts == 3
+    assert ledger.snapshot()["errors"] == 1
 
 
 @pytest.mark.parametrize("path", ["litellm", "dspy"])
-def test_401_fails_fast(server, path):
-    server.fail_always(401)
-    spec = spec_for(server, model=f"openai/fake-401-{path}", num_retries=3)
-    call = (lambda: LLMClient(spec).complete("x")) if path == "litellm" else (lambda: build_dspy_lm(spec)("x"))
-    with pytest.raises(ModelError, match="fake provider error 401"):
-        call()
+@pytest.mark.parametrize("status", [400, 401, 404])
+def test_client_errors_fail_fast(server, path, status):
+    server.fail_always(status)
+    ledger = UsageLedger()
+    with pytest.raises(ModelError, match=f"fake provider error {status}") as error:
+        call(path, spec_for(server, model=f"openai/fake-{status}-{path}", num_retries=3), ledger)
+    assert not error.value.transient
     assert len(server.requests) == 1
+    assert SECRET not in str(error.value) and SECRET not in repr(ledger.as_dicts())
+
+
+def test_no_retry_starts_after_the_deadline(server):
+    import time
+
+    server.fail_always(500)
+    client = LLMClient(spec_for(server, model="openai/fake-deadline", num_retries=5, retry_base_s=10))
+    started = time.monotonic()
+    with pytest.raises(ModelError):
+        client.complete("x", deadline=time.monotonic() + 1)
+    assert len(server.requests) == 1 and time.monotonic() - started < 1
+
+
+def test_unpriced_model_costs_zero_with_one_warning(server, caplog):
+    client = LLMClient(spec_for(server, model="openai/fake-unpriced", input_cost_per_mtok=None,
+                                output_cost_per_mtok=None))
+    with caplog.at_level(logging.WARNING, logger="rlm_pipelines.models.litellm_client"):
+        assert client.complete("a").cost_usd == 0.0 and client.complete("b").cost_usd == 0.0
+    warnings = [r for r in caplog.records if "no price known" in r.getMessage()]
+    assert len(warnings) == 1 and "openai/fake-unpriced" in warnings[0].getMessage()
+
+
+def test_ledger_is_thread_safe(server):
+    server.latency_s = 0.05
+    ledger, seen = UsageLedger(), []
+    ledger.listener = seen.append
+    client = LLMClient(spec_for(server, model="openai/fake-parallel"), ledger)
+    threads = [threading.Thread(target=client.complete, args=(f"prompt {i}",)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = ledger.snapshot()
+    assert snap["calls"] == len(seen) == 16
+    assert snap["by_model"]["openai/fake-parallel"]["calls"] == 16
+    assert snap["cost_usd"] == pytest.approx(sum(r.cost_usd for r in ledger.records), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- keys and sub-models
 
 
 def test_missing_key_names_the_variable(monkeypatch):
@@ -89,32 +185,99 @@ def test_missing_key_names_the_variable(monkeypatch):
     spec = ModelSpec(model="openrouter/google/gemini-3-flash-preview", api_key_env="OPENROUTER_API_KEY")
     with pytest.raises(MissingKeyError, match="export OPENROUTER_API_KEY="):
         check_key(spec)
+    monkeypatch.setenv("OPENROUTER_API_KEY", "")  # set but empty is missing too
+    with pytest.raises(MissingKeyError, match="OPENROUTER_API_KEY"):
+        check_key(spec)
     sub_needs_key = ModelSpec(model="scripted/x", sub=SubModelSpec(model="openai/gpt-x", api_key_env="OPENAI_API_KEY"))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(MissingKeyError, match="OPENAI_API_KEY"):
         check_key(sub_needs_key)
+    check_key(ModelSpec(model="scripted/x"))  # no key needed
+
+
+def test_sub_spec_defaults_to_the_parent():
+    parent = ModelSpec(model="openai/big", api_key_env="K", temperature=0.3, max_tokens=100)
+    assert sub_spec(parent) is parent
+    child = sub_spec(ModelSpec(model="openai/big", api_key_env="K", sub=SubModelSpec(model="openai/small",
+                                                                                      max_tokens=50)))
+    assert (child.model, child.max_tokens, child.api_key_env, child.temperature) == ("openai/small", 50, "K", 0.0)
+    assert sub_spec(child) is child  # a sub-model has no sub-model of its own
+
+
+# --------------------------------------------------------------------------- the scripted provider
 
 
 def test_scripted_provider_offline_and_deterministic():
-    import dspy
+    import litellm
 
-    register_script("unit", TurnScript([Turn("x = 1", "first"), Turn("SUBMIT(answer=x)", "second")],
+    register_script("unit", TurnScript([Turn("x = 1", "first"), "SUBMIT(answer=x)"],
                                        sub_answer=lambda prompt: f"{len(prompt)} chars"))
-    client = LLMClient(ModelSpec(model="scripted/unit.sub"))
-    assert client.complete("abcd").text == client.complete("abcd").text == "4 chars"
+    sub = LLMClient(ModelSpec(model="scripted/unit.sub"))
+    assert sub.complete("abcd").text == sub.complete("abcd").text == "4 chars"
+    assert build_dspy_lm(ModelSpec(model="scripted/unit.sub"))("hello")[0] == "5 chars"
+
+    raw = litellm.completion(model="scripted/unit.sub", messages=[{"role": "user", "content": "x" * 400}])
+    assert raw.model == "scripted" and raw.usage.prompt_tokens == 100
+
+    root = LLMClient(ModelSpec(model="scripted/unit"))
     chat = [{"role": "user", "content": "task"}, {"role": "assistant", "content": "..."},
             {"role": "user", "content": "output"}]
-    assert "SUBMIT(answer=x)" in LLMClient(ModelSpec(model="scripted/unit")).complete(chat).text
-    lm = build_dspy_lm(ModelSpec(model="scripted/unit.sub"))
-    assert lm("hello")[0] == "5 chars"
+    assert root.complete(chat).text == root.complete(chat).text == "```python\nSUBMIT(answer=x)\n```"
+    assert root.complete("[iteration 1/5]\nYour task").text == "first\n\n```python\nx = 1\n```"
+    assert "no turn 3" in root.complete("[iteration 3/5]\nstill going").text
 
-    # the root script speaks dspy's ChatAdapter format: a Predict with reasoning + code parses it
+
+def test_scripted_root_speaks_dspys_chat_adapter():
+    import dspy
+
+    register_script("fields", TurnScript([Turn("x = 1", "first"), Turn("SUBMIT(answer=x)", "second")]))
     predict = dspy.Predict("iteration: str -> reasoning: str, code: str")
-    with dspy.context(lm=build_dspy_lm(ModelSpec(model="scripted/unit"))):
+    with dspy.context(lm=build_dspy_lm(ModelSpec(model="scripted/fields"))):
         pred = predict(iteration="2/5")
     assert pred.reasoning == "second" and "SUBMIT(answer=x)" in pred.code
 
 
-def test_unknown_script_is_a_clear_error():
-    with pytest.raises(ModelError, match="no scripted model named 'nope'"):
-        LLMClient(ModelSpec(model="scripted/nope", num_retries=0)).complete("x")
+def test_scripted_rlm_runs_concurrently_without_interfering():
+    """Turns come from the prompt (dspy's `iteration` field), so two RLM runs of one script in parallel
+    each get every turn in order; sub-calls go to the `.sub` model."""
+    import dspy
+    from dspy.primitives.local_interpreter import LocalInterpreter
+
+    register_script("rlm-unit", TurnScript([
+        Turn("words = text.split()\nprint(len(words))", "Count."),
+        Turn("shout = llm_query('upper: ' + text)\nprint(shout)", "Ask."),
+        Turn("SUBMIT(answer=f'{len(words)} {shout}')", "Done."),
+    ], sub_answer=lambda prompt: prompt.removeprefix("upper: ").upper()))
+    ledger = UsageLedger()
+    root, sub = build_dspy_lm(ModelSpec(model="scripted/rlm-unit"), ledger), \
+        build_dspy_lm(ModelSpec(model="scripted/rlm-unit.sub"), ledger)
+    results = {}
+
+    def run(text):
+        rlm = dspy.RLM("text: str -> answer: str", max_iters=5, sub_lm=sub, interpreter_factory=LocalInterpreter)
+        with dspy.context(lm=root):
+            results[text] = rlm(text=text).answer
+
+    threads = [threading.Thread(target=run, args=(text,)) for text in ("a b c", "hello there")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"a b c": "3 A B C", "hello there": "2 HELLO THERE"}
+    by_model = ledger.snapshot()["by_model"]
+    assert by_model["scripted/rlm-unit"]["calls"] == 6 and by_model["scripted/rlm-unit.sub"]["calls"] == 2
+
+
+def test_unknown_script_is_a_clear_error_not_retried():
+    with pytest.raises(ModelError, match="no scripted model named 'nope'") as error:
+        LLMClient(ModelSpec(model="scripted/nope", num_retries=3)).complete("x")
+    assert error.value.attempts == 1 and not error.value.transient
+
+
+def test_fake_server_streams_server_sent_events(server):
+    import litellm
+
+    chunks = litellm.completion(model="openai/fake-stream", api_base=server.url, api_key=SECRET, stream=True,
+                                messages=[{"role": "user", "content": "stream me"}])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "reply to stream me"
+    assert server.requests[-1]["body"]["stream"] is True

@@ -1,21 +1,39 @@
 """`dspy.LM` for a model config, on litellm, so the document engine shares the repo engine's provider
-layer: one cost map, one retry policy, one usage ledger."""
+layer: one cost map, one retry policy, one usage ledger.
+
+Why a subclass and not a dspy callback: a callback's `on_lm_end` sees the outputs but neither the usage
+nor the cost, and cannot retry. dspy 3.4.1 hands both to `update_history(entry)` at the end of every public
+call (`__call__` / `acall`, in the caller's thread or task), so the subclass overrides that hook and wraps
+the two public calls in our retry loop (dspy's own `num_retries` is set to 0: one policy for both engines).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import time
-from typing import Any, Optional
+from types import SimpleNamespace
+from typing import Any, Iterator, Optional
 
 from rlm_pipelines.config import ModelSpec
-from rlm_pipelines.models.litellm_client import litellm_kwargs, register_prices, with_retries
+from rlm_pipelines.models.litellm_client import (ModelError, litellm_kwargs, register_prices, warn_unpriced,
+                                                 with_retries, with_retries_async)
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
+
+# The history entry of the call in progress. A context variable, not an attribute: llm_query_batched runs
+# many calls at once on threads, and async callers interleave on one thread; each call sees its own box.
+_entry_box: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("rlm_dspy_entry", default=None)
 
 
 def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "") -> Any:
-    """A `dspy.LM` on the litellm engine (dspy 3.4 defaults to another one) that retries transient errors
-    with our policy and records every call into `ledger`. `last_call()` gives the calling thread's latest
-    prompt and reply (the run tree records them per iteration)."""
+    """A `dspy.LM` on the litellm engine (dspy 3.4 defaults to its own `lm15` engine), response cache off
+    (runs are real), that retries transient errors with our policy and records every call, failed or not,
+    into `ledger`. `last_call()` gives the calling thread's latest prompt and reply (the run tree records
+    them per iteration).
+
+    The key is read from its env var here, when the run builds its LM; dspy keeps it in `lm.kwargs` and
+    strips every `api_*` argument from what it records."""
     import dspy
 
     from rlm_pipelines.models import scripted
@@ -24,38 +42,64 @@ def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: s
     register_prices(spec)
 
     class RecordingLM(dspy.LM):
-        """dspy's LM with our retry loop around each public call, and usage taken from the history entry
-        dspy writes for it (it carries litellm's usage and cost)."""
-
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                result, attempts = with_retries(lambda: super(RecordingLM, self).__call__(*args, **kwargs),
-                                                spec.num_retries, f"model {spec.model}")
-            except Exception as exc:
-                if self.ledger is not None:
-                    self.ledger.add(CallRecord(spec.model, duration_s=time.perf_counter() - started, ok=False,
-                                               error=str(exc), attempts=getattr(exc, "attempts", 1),
-                                               role=role))
-                raise
-            if self.ledger is not None:
-                entry = getattr(self._last, "entry", None)
-                usage = (entry or {}).get("usage") or {}
-                self.ledger.add(CallRecord(spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
-                                           completion_tokens=usage.get("completion_tokens", 0) or 0,
-                                           cost_usd=float((entry or {}).get("cost") or 0.0),
-                                           duration_s=time.perf_counter() - started, attempts=attempts,
-                                           role=role))
+            with self._recording() as call:
+                result, call.attempts = with_retries(lambda: super(RecordingLM, self).__call__(*args, **kwargs),
+                                                     spec)
             return result
 
+        async def acall(self, *args: Any, **kwargs: Any) -> Any:
+            with self._recording() as call:
+                result, call.attempts = await with_retries_async(
+                    lambda: super(RecordingLM, self).acall(*args, **kwargs), spec)
+            return result
+
+        @contextlib.contextmanager
+        def _recording(self) -> Iterator[SimpleNamespace]:
+            """One public call, retries included: its usage (from dspy's history entry) or its failure goes
+            into the ledger."""
+            box: list = []
+            token = _entry_box.set(box)
+            started = time.perf_counter()
+            call = SimpleNamespace(attempts=1)
+            try:
+                # dspy skips update_history when history is disabled; ours keeps nothing beyond this call.
+                with dspy.context(disable_history=False):
+                    yield call
+            except ModelError as exc:
+                self._record_failure(exc, started)
+                raise
+            finally:
+                _entry_box.reset(token)
+            self._record(box, started, call.attempts)
+
+        def _record(self, box: list, started: float, attempts: int) -> None:
+            entry = box[-1] if box else {}
+            self._last.entry = entry
+            usage = entry.get("usage") or {}
+            cost = entry.get("cost")
+            if cost is None:
+                warn_unpriced(spec.model)
+            if self.ledger is not None:
+                self.ledger.add(CallRecord(spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
+                                           completion_tokens=usage.get("completion_tokens", 0) or 0,
+                                           cost_usd=float(cost or 0.0), duration_s=time.perf_counter() - started,
+                                           attempts=attempts, role=role))
+
+        def _record_failure(self, exc: ModelError, started: float) -> None:
+            if self.ledger is not None:
+                self.ledger.add(CallRecord(spec.model, duration_s=time.perf_counter() - started, ok=False,
+                                           error=str(exc), attempts=exc.attempts, role=role))
+
         def update_history(self, entry: dict[str, Any]) -> None:
-            # dspy writes this in the calling thread, so a thread-local pairs it with its own call even
-            # when llm_query_batched runs many at once. Only usage is kept: dspy's own history would hold
-            # every prompt (whole chapters) for the life of the run.
-            self._last.entry = {"usage": entry.get("usage"), "cost": entry.get("cost"),
-                                "messages": entry.get("messages"), "outputs": entry.get("outputs")}
+            # Only what we need is kept, and only for this call: dspy's own history would hold every prompt
+            # (whole chapters) for the life of the run.
+            box = _entry_box.get()
+            if box is not None:
+                box.append({key: entry.get(key) for key in ("usage", "cost", "messages", "outputs")})
 
         def last_call(self) -> dict[str, Any]:
+            """The calling thread's latest call: usage, cost, messages, outputs ({} before any)."""
             return getattr(self._last, "entry", None) or {}
 
     kwargs = litellm_kwargs(spec)

@@ -1,15 +1,18 @@
-"""The litellm caller: one place for keys, prices, retries and usage. The only file that imports litellm
-(lazily: importing it costs seconds)."""
+"""The litellm caller: one place for keys, prices, retries and usage, shared by both engines. litellm is
+imported lazily (importing it costs seconds), so importing this module is cheap."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
 from rlm_pipelines.config import ModelSpec, SubModelSpec
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
@@ -17,21 +20,23 @@ from rlm_pipelines.models.usage import CallRecord, UsageLedger
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Backoff between retries of transient errors: base * 2**attempt, with jitter, capped.
-RETRY_BASE_S = float(os.environ.get("RLM_RETRY_BASE_S", "1.0"))
-RETRY_CAP_S = 30.0
+RETRY_CAP_S = 30.0  # no single wait between retries is longer
 
 
 class ModelError(RuntimeError):
-    """A model call failed for good. The message carries the provider's own words."""
+    """A model call failed for good. The message names the model and carries the provider's own words;
+    `attempts` says how many were made and `transient` whether the pipeline may retry its whole step."""
+
+    attempts: int = 1
+    transient: bool = False
 
 
 class MissingKeyError(ModelError):
-    pass
+    """The API key a model needs is not in the environment (raised before any sandbox starts)."""
 
 
 def check_key(spec: ModelSpec) -> None:
-    """Fail before anything starts when the key the model needs is not set."""
+    """Fail before anything starts when a key the model (or its sub-model) needs is not set."""
     for each in (spec, sub_spec(spec)):
         if each.api_key_env and not os.environ.get(each.api_key_env):
             raise MissingKeyError(f"model {each.model!r} needs an API key: set the environment variable "
@@ -40,7 +45,8 @@ def check_key(spec: ModelSpec) -> None:
 
 
 def sub_spec(spec: ModelSpec) -> ModelSpec:
-    """The model `llm_query` talks to: the non-null fields of `spec.sub` on top of the main model."""
+    """The model `llm_query` talks to: the non-null fields of `spec.sub` on top of the main model (so an
+    empty `sub` means the main model itself)."""
     overrides = {k: v for k, v in asdict(spec.sub).items() if v is not None} if spec.sub else {}
     if not overrides:
         return spec
@@ -48,7 +54,8 @@ def sub_spec(spec: ModelSpec) -> ModelSpec:
 
 
 def litellm_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    """What litellm needs to reach the model; the key is read from its env var at call time."""
+    """What litellm needs to reach the model. The key is read from its env var now, at call time, and is
+    never stored in the spec, the ledger or the run tree."""
     kwargs: dict[str, Any] = {"temperature": spec.temperature, "max_tokens": spec.max_tokens,
                               "timeout": spec.timeout_s}
     if spec.api_key_env:
@@ -60,67 +67,142 @@ def litellm_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return kwargs
 
 
-_registered: set[tuple[str, float, float]] = set()
+_registered: dict[str, tuple[float, float]] = {}
 _registered_lock = threading.Lock()
 
 
 def register_prices(spec: ModelSpec) -> None:
-    """Teach litellm's cost map the prices of a model its bundled map lacks (idempotent)."""
+    """Teach litellm's cost map the prices the config gives (for the model and its sub-model), e.g. for a
+    model the bundled map lacks; explicit prices win over bundled ones. Idempotent, and registers again
+    when a model's prices change (another run in the same process).
+
+    A model with no price in the map and none in its config costs $0, with a one-time warning."""
     import litellm
 
     for each in (spec, sub_spec(spec)):
         if each.input_cost_per_mtok is None and each.output_cost_per_mtok is None:
             continue
-        key = (each.model, each.input_cost_per_mtok or 0.0, each.output_cost_per_mtok or 0.0)
-        with _registered_lock:  # again when the prices change (another run in this process, a test)
-            if key in _registered:
+        prices = (each.input_cost_per_mtok or 0.0, each.output_cost_per_mtok or 0.0)
+        with _registered_lock:
+            if _registered.get(each.model) == prices:
                 continue
-            _registered.add(key)
-        litellm.register_model({each.model: {
-            "input_cost_per_token": (each.input_cost_per_mtok or 0.0) / 1e6,
-            "output_cost_per_token": (each.output_cost_per_mtok or 0.0) / 1e6,
-            "litellm_provider": each.model.split("/", 1)[0],
-            "mode": "chat",
-        }})
+            _registered[each.model] = prices
+            per_input_token = prices[0] / 1e6
+            litellm.register_model({each.model: {
+                "input_cost_per_token": per_input_token,
+                "output_cost_per_token": prices[1] / 1e6,
+                # One input price in the config: cached prompt tokens are charged at it too (litellm would
+                # otherwise count them free, and warn about it).
+                "cache_read_input_token_cost": per_input_token,
+                "cache_creation_input_token_cost": per_input_token,
+                "litellm_provider": each.model.split("/", 1)[0],
+                "mode": "chat",
+            }})
+
+
+_unpriced: set[str] = set()
+
+
+def warn_unpriced(model: str) -> None:
+    """Once per model: its calls count as $0 because no price is known."""
+    if model not in _unpriced and not model.startswith("scripted/"):
+        _unpriced.add(model)
+        log.warning("no price known for model %s: its cost counts as $0 (set input_cost_per_mtok and "
+                    "output_cost_per_mtok in its model config)", model)
+
+
+def completion_cost(response: Any, model: str) -> float:
+    """Dollars for one litellm response, from litellm's cost map (bundled + `register_prices`)."""
+    import litellm
+
+    if getattr(response, "model", "") == "scripted":
+        return 0.0
+    try:
+        return float(litellm.completion_cost(completion_response=response) or 0.0)
+    except Exception:
+        warn_unpriced(model)
+        return 0.0
+
+
+# --------------------------------------------------------------------------- retries
 
 
 def is_transient(exc: BaseException) -> bool:
-    """429, 5xx, timeouts and dropped connections are worth retrying; a 400 or a 401 is not."""
+    """429, 5xx, timeouts and dropped connections are worth retrying; a 400, a 401, a 404 or a context
+    window error is not. Errors come from litellm itself (repo engine) or wrapped by dspy (document engine)."""
     import litellm
-    from dspy.utils.exceptions import LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
 
     transient = (litellm.RateLimitError, litellm.InternalServerError, litellm.ServiceUnavailableError,
-                 litellm.BadGatewayError, litellm.Timeout, litellm.APIConnectionError,
-                 LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError)
+                 litellm.BadGatewayError, litellm.Timeout, litellm.APIConnectionError)
     if isinstance(exc, transient):
+        return True
+    dspy_errors = sys.modules.get("dspy.utils.exceptions")  # only when dspy is in use: importing it costs
+    if dspy_errors is not None and dspy_errors.is_retryable_lm_error(exc):
         return True
     status = getattr(exc, "status_code", None)
     return isinstance(status, int) and (status == 429 or status >= 500)
 
 
-def with_retries(call: Callable[[], T], retries: int, what: str,
-                 deadline: Optional[float] = None) -> tuple[T, int]:
-    """Run `call`, retrying transient errors with exponential backoff; returns (result, attempts). No retry
-    starts after `deadline` (time.monotonic())."""
-    for attempt in range(retries + 1):
+def retry_delay(exc: Exception, attempt: int, spec: ModelSpec, deadline: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait after failed attempt `attempt` (0-based) before the next one, or None to give up.
+
+    Exponential backoff with jitter (so parallel llm_query calls do not retry in lockstep), or the
+    provider's Retry-After hint when the error carries one; no retry starts after `deadline`
+    (time.monotonic())."""
+    if attempt >= spec.num_retries or not is_transient(exc):
+        return None
+    hint = getattr(exc, "retry_after", None)
+    if isinstance(hint, (int, float)) and hint >= 0:
+        delay = min(RETRY_CAP_S, float(hint))
+    else:
+        delay = min(RETRY_CAP_S, spec.retry_base_s * 2 ** attempt) * (0.5 + random.random() / 2)
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        return None
+    return delay
+
+
+def with_retries(call: Callable[[], T], spec: ModelSpec, deadline: Optional[float] = None) -> tuple[T, int]:
+    """Run `call`, retrying transient errors per `retry_delay`; returns (result, attempts). The final
+    failure is a `ModelError`."""
+    for attempt in itertools.count():
         try:
             return call(), attempt + 1
         except Exception as exc:
-            delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt) * (0.5 + random.random() / 2)
-            late = deadline is not None and time.monotonic() + delay >= deadline
-            if attempt >= retries or not is_transient(exc) or late:
-                raise _as_model_error(exc, what, attempt + 1) from exc
-            log.warning("%s: transient error (%s), retry %d/%d in %.1f s", what, _short(exc), attempt + 1,
-                        retries, delay)
+            delay = retry_delay(exc, attempt, spec, deadline)
+            if delay is None:
+                raise as_model_error(exc, spec.model, attempt + 1) from exc
+            _log_retry(spec, exc, attempt, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _as_model_error(exc: Exception, what: str, attempts: int) -> ModelError:
+async def with_retries_async(call: Callable[[], Awaitable[T]], spec: ModelSpec,
+                             deadline: Optional[float] = None) -> tuple[T, int]:
+    """`with_retries` for coroutines (dspy's `acall`): the same policy, waiting without blocking the loop."""
+    for attempt in itertools.count():
+        try:
+            return await call(), attempt + 1
+        except Exception as exc:
+            delay = retry_delay(exc, attempt, spec, deadline)
+            if delay is None:
+                raise as_model_error(exc, spec.model, attempt + 1) from exc
+            _log_retry(spec, exc, attempt, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _log_retry(spec: ModelSpec, exc: Exception, attempt: int, delay: float) -> None:
+    log.warning("model %s: transient error (%s), retry %d/%d in %.2f s", spec.model, _short(exc), attempt + 1,
+                spec.num_retries, delay)
+
+
+def as_model_error(exc: Exception, model: str, attempts: int) -> ModelError:
+    if isinstance(exc, ModelError):
+        return exc
     tried = f" after {attempts} attempts" if attempts > 1 else ""
-    error = ModelError(f"{what} failed{tried}: {type(exc).__name__}: {_short(exc, 2000)}")
-    error.attempts = attempts  # type: ignore[attr-defined]
-    error.transient = is_transient(exc)  # type: ignore[attr-defined]  # the pipeline may retry its step
+    error = ModelError(f"model {model} failed{tried}: {type(exc).__name__}: {_short(exc, 2000)}")
+    error.attempts = attempts
+    error.transient = is_transient(exc)
     return error
 
 
@@ -129,10 +211,13 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# --------------------------------------------------------------------------- the client
+
+
 @dataclass
 class Completion:
     text: str
-    model: str
+    model: str  # the configured litellm model string
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
@@ -140,14 +225,16 @@ class Completion:
 
 
 class LLMClient:
-    """Calls one model through litellm with our retry policy, recording every call in the ledger."""
+    """Calls one model through litellm (with litellm's own retries off: ours classify errors and back off
+    with jitter), recording every call, failed or not, in the ledger."""
 
-    def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None):
+    def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = ""):
         from rlm_pipelines.models import scripted
 
         scripted.install()
         self.spec = spec
         self.ledger = ledger if ledger is not None else UsageLedger()
+        self.role = role
         register_prices(spec)
 
     def complete(self, messages: Union[str, list[dict[str, Any]]], deadline: Optional[float] = None,
@@ -157,43 +244,25 @@ class LLMClient:
 
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        kwargs = {**litellm_kwargs(self.spec), **overrides}
+        spec = self.spec
         started = time.perf_counter()
 
-        def once() -> Any:
-            return litellm.completion(model=self.spec.model, messages=messages, num_retries=0, **kwargs)
+        def once() -> Any:  # the key is read per attempt, so a rotated key is picked up
+            kwargs = {**litellm_kwargs(spec), **overrides}
+            return litellm.completion(model=spec.model, messages=messages, num_retries=0, **kwargs)
 
         try:
-            response, attempts = with_retries(once, self.spec.num_retries, f"model {self.spec.model}", deadline)
+            response, attempts = with_retries(once, spec, deadline)
         except ModelError as exc:
-            self.ledger.add(CallRecord(self.spec.model, duration_s=time.perf_counter() - started, ok=False,
-                                       error=str(exc), attempts=getattr(exc, "attempts", 1)))
+            self.ledger.add(CallRecord(spec.model, duration_s=time.perf_counter() - started, ok=False,
+                                       error=str(exc), attempts=exc.attempts, role=self.role))
             raise
         usage = getattr(response, "usage", None)
-        record = CallRecord(self.spec.model, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        record = CallRecord(spec.model, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                            cost_usd=_cost(response), duration_s=time.perf_counter() - started,
-                            attempts=attempts)
+                            cost_usd=completion_cost(response, spec.model),
+                            duration_s=time.perf_counter() - started, attempts=attempts, role=self.role)
         self.ledger.add(record)
         text = response.choices[0].message.content or ""
-        return Completion(text, self.spec.model, record.prompt_tokens, record.completion_tokens,
+        return Completion(text, spec.model, record.prompt_tokens, record.completion_tokens,
                           record.cost_usd, attempts)
-
-
-_unpriced: set[str] = set()
-
-
-def _cost(response: Any) -> float:
-    import litellm
-
-    if getattr(response, "model", "") == "scripted":
-        return 0.0
-    try:
-        return float(litellm.completion_cost(completion_response=response) or 0.0)
-    except Exception:
-        model = getattr(response, "model", "?")
-        if model not in _unpriced:
-            _unpriced.add(model)
-            log.warning("no price known for model %s: its cost counts as $0 (set input_cost_per_mtok and "
-                        "output_cost_per_mtok in its model config)", model)
-        return 0.0

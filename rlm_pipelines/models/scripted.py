@@ -5,12 +5,16 @@ deterministic answers to its sub-calls. So `litellm.completion(model="scripted/<
 `dspy.LM("scripted/<name>", engine="litellm")` work with no key and no network, and the whole system can
 be tried and tested offline. Every response says `model: scripted`.
 
-Root or sub: the model string tells. `scripted/<name>` is the root model (RLM action calls);
-`scripted/<name>.sub` answers `llm_query` prompts.
+Root or sub: the model string tells, so one script serves both and no call has to be guessed from its
+text. `scripted/<name>` is the root model (RLM action calls, repo agent turns); `scripted/<name>.sub`
+answers `llm_query` prompts (conf/model/scripted.yaml sets `sub.model` so; `sub_spec` applies it).
 
 The turn index comes from the prompt itself, never from hidden state, so concurrent runs of one script do
-not interfere: dspy's RLM prompt carries `[[ ## iteration ## ]] N/M`; a plain chat (the repo engine) counts
-its assistant messages.
+not interfere. dspy's RLM passes its action predictor an `iteration` input field ("N/M", 1-based), which
+the ChatAdapter renders as `[[ ## iteration ## ]]\nN/M` after the REPL history; the reply then uses the
+adapter's field markers (`reasoning`, `code`, `completed`). A plain chat (the repo engine) is answered in
+markdown (reasoning, then a ```python block); its index is the `[iteration N/M]` header of the latest
+message, else the number of assistant messages so far.
 """
 
 from __future__ import annotations
@@ -18,20 +22,31 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 SUB_SUFFIX = ".sub"
 _ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
+_DSPY_FIELD = "[[ ## completed ## ]]"
 _REPO_ITERATION = re.compile(r"\[iteration (\d+)/\d+\]")
+
+
+class ScriptError(ValueError):
+    """The scripted model cannot answer this call (unknown script, a prompt it has no reply for)."""
 
 
 @dataclass
 class Turn:
+    """One root turn: the code the model writes, and its reasoning (shown before it)."""
+
     code: str
     reasoning: str = ""
 
 
 class Script(Protocol):
+    """What a task ships for `model=scripted`. It supplies content only: the provider finds the turn index
+    in the prompt and formats the reply for the caller (dspy fields or markdown), so one script serves
+    both engines."""
+
     def root(self, index: int, messages: list[dict[str, Any]]) -> Turn:
         """The root model's turn number `index` (0-based)."""
         ...
@@ -42,10 +57,10 @@ class Script(Protocol):
 
 
 class TurnScript:
-    """A fixed list of root turns and a function answering sub-calls."""
+    """A fixed list of root turns (a bare string is a turn's code) and a function answering sub-calls."""
 
-    def __init__(self, turns: list[Turn], sub_answer: Optional[Callable[[str], str]] = None):
-        self.turns = turns
+    def __init__(self, turns: list[Union[Turn, str]], sub_answer: Optional[Callable[[str], str]] = None):
+        self.turns = [Turn(t) if isinstance(t, str) else t for t in turns]
         self.sub_answer = sub_answer or (lambda prompt: f"scripted answer ({len(prompt)} chars read)")
 
     def root(self, index: int, messages: list[dict[str, Any]]) -> Turn:
@@ -77,6 +92,7 @@ _scripts: dict[str, Script] = {}
 
 
 def register_script(name: str, script: Script) -> None:
+    """Serve `script` as `scripted/<name>` (root) and `scripted/<name>.sub`; a new one replaces the old."""
     _scripts[name] = script
 
 
@@ -88,15 +104,18 @@ def reply(model: str, messages: list[dict[str, Any]]) -> str:
     script = _scripts.get(name)
     if script is None:
         known = ", ".join(sorted(_scripts)) or "none registered"
-        raise ValueError(f"no scripted model named {name!r} (known: {known}); tasks register theirs")
-    text = "\n".join(_content(m) for m in messages)
+        raise ScriptError(f"no scripted model named {name!r} (known: {known}); tasks register theirs")
     if is_sub:
         return script.sub(_content(messages[-1]) if messages else "")
+    text = "\n".join(_content(m) for m in messages)
     found = _ITERATION.findall(text)
     if found:  # dspy's RLM prompt (ChatAdapter format): answer in its field markers
         turn = script.root(int(found[-1]) - 1, messages)
         return (f"[[ ## reasoning ## ]]\n{turn.reasoning or 'Scripted step.'}\n\n"
                 f"[[ ## code ## ]]\n```python\n{turn.code}\n```\n\n[[ ## completed ## ]]")
+    if _DSPY_FIELD in text:  # another dspy program (e.g. RLM's extract step after max_iters): nothing scripted
+        raise ScriptError(f"scripted model {name!r} has no reply for a dspy prompt without an RLM iteration "
+                         f"field (only RLM action steps and llm_query calls are scripted)")
     found = _REPO_ITERATION.findall(_content(messages[-1])) if messages else []
     index = int(found[-1]) - 1 if found else sum(m.get("role") == "assistant" for m in messages)
     turn = script.root(index, messages)
@@ -130,7 +149,11 @@ def install() -> None:
         class ScriptedLLM(CustomLLM):
             def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:
                 model, messages = kwargs.get("model", ""), kwargs.get("messages") or []
-                text = reply(model, messages)
+                try:
+                    text = reply(model, messages)
+                except ScriptError as exc:  # a 400, not retried (litellm would call a ValueError a
+                    # dropped connection, i.e. transient, and add a traceback to the message)
+                    raise litellm.BadRequestError(str(exc), model=model, llm_provider="scripted") from None
                 prompt_tokens = sum(len(_content(m)) for m in messages) // 4
                 return ModelResponse(
                     model="scripted",

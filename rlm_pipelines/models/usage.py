@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 
 @dataclass
 class CallRecord:
+    """One model call as the caller saw it: retries included, tokens and dollars as the provider billed."""
+
     model: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -25,7 +27,8 @@ class CallRecord:
 class UsageLedger:
     """Thread-safe totals of every model call of a run (llm_query fans out from many threads at once).
 
-    `listener` sees each record as it is added: the run tree hooks in there.
+    `listener` sees each record as it is added (in the calling thread, outside the ledger's lock, so it
+    may be slow or call back into the ledger): the run tree hooks in there.
     """
 
     def __init__(self, listener: Optional[Callable[[CallRecord], None]] = None):

@@ -1,8 +1,10 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
 
 It speaks `POST /v1/chat/completions` (JSON, and SSE when `stream` is asked) so litellm and dspy talk to
-it exactly as to a provider. Behaviour is programmable: a reply function of the request, a latency, and a
-queue of failures (status codes) served before replies. Every request is logged.
+it exactly as to a provider. Behaviour is programmable: a fixed reply or a function of the request body,
+a latency (each request sleeps on its own thread, so a benchmark's 64 parallel calls on a 100 ms LM take
+about 100 ms), a queue of failures (status codes) served before replies, or a failure for every request.
+Every request is logged (path, lower-cased headers, JSON body).
 
     with OpenAIServer(reply=lambda req: "hi") as server:
         server.fail(429)                    # the next request gets a 429, then normal replies
@@ -13,25 +15,36 @@ queue of failures (status codes) served before replies. Every request is logged.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 Reply = Callable[[dict[str, Any]], str]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog (5) refuses bursts of parallel calls
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up (timeout) is expected
+            super().handle_error(request, client_address)
+
+
 class OpenAIServer:
-    def __init__(self, reply: Optional[Reply] = None, latency_s: float = 0.0):
-        self.reply = reply or (lambda request: "ok")
+    """Start with `with OpenAIServer(...) as server:` (or `start()` / `stop()`); point clients at `url`."""
+
+    def __init__(self, reply: Union[str, Reply, None] = None, latency_s: float = 0.0):
+        self.reply: Reply = (lambda request: reply) if isinstance(reply, str) else reply or (lambda request: "ok")
         self.latency_s = latency_s
         self.requests: list[dict[str, Any]] = []
         self._failures: deque[int] = deque()
         self._always_fail: Optional[int] = None
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", 0), self._handler())
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -44,11 +57,12 @@ class OpenAIServer:
             self._failures.extend(statuses)
 
     def fail_always(self, status: Optional[int]) -> None:
+        """Every request (after the queued failures) gets this status; None serves replies again."""
         with self._lock:
             self._always_fail = status
 
     def start(self) -> "OpenAIServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)  # quick stop
         self._thread.start()
         return self
 
@@ -121,7 +135,9 @@ class OpenAIServer:
                     event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
                              "created": int(time.time()), "choices": [{"index": 0, **chunk}]}
                     self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                self.wfile.write(f"data: {json.dumps({'id': 'chatcmpl-fake', 'object': 'chat.completion.chunk', 'model': model, 'choices': [], 'usage': usage})}\n\n".encode())
+                last = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [],
+                        "usage": usage}
+                self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.close_connection = True
 
