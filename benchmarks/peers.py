@@ -39,28 +39,52 @@ def dspy_llm_tools(sub_lm: Any, max_workers: int = 8) -> dict[str, Callable]:
     return dspy.RLM("q -> a", sub_lm=sub_lm, max_llm_calls=1_000_000)._make_llm_tools(max_workers=max_workers)
 
 
+def ours_daytona() -> tuple[Peer | None, str]:
+    """Our DaytonaSandbox through the real SDK against the local fake Daytona API (tests/fakes): the HTTP
+    transport's own cost (preview-URL proxying, long polls), without the internet's latency on top."""
+    try:
+        import daytona  # noqa: F401
+        from rlm_pipelines.config import DaytonaOptions, SandboxConfig
+        from tests.fakes.daytona_server import FakeDaytona
+    except ImportError as exc:
+        return None, f"needs the Daytona SDK (pip install -e '.[daytona]'): {exc}"
+    import atexit
+
+    fake = FakeDaytona().__enter__()
+    atexit.register(fake.__exit__, None, None, None)
+    os.environ["RLM_BENCH_DAYTONA_KEY"] = fake.api_key
+    config = SandboxConfig(kind="daytona", daytona=DaytonaOptions(api_url=fake.api_url, api_key_env="RLM_BENCH_DAYTONA_KEY"))
+    about = "our DaytonaSandbox (real SDK, HTTP transport) against the local fake Daytona API, loopback"
+    return _ours("ours (daytona, fake API)", about, config), about
+
+
 def ours(isolation: str) -> tuple[Peer | None, str]:
     """Our local sandbox through our dspy adapter; (None, why) while it cannot be imported."""
     try:
         from rlm_pipelines.config import SandboxConfig
-        from rlm_pipelines.engines.interpreter import SandboxInterpreter
     except ImportError as exc:
         return None, f"our SandboxInterpreter cannot be imported yet: {exc}"
+    about = "our local sandbox, bubblewrap isolation" if isolation == "bwrap" else "our local sandbox, NOT isolated"
+    return _ours(f"ours ({isolation})", about, SandboxConfig(isolation=isolation)), about
+
+
+def _ours(name: str, about: str, config: Any) -> Peer | None:
+    try:
+        from rlm_pipelines.engines.interpreter import SandboxInterpreter
+    except ImportError:
+        return None
 
     def llm_tools(sub_lm: Any) -> dict[str, Callable]:
         try:  # our RLM subclass (a wider fan-out); dspy's wiring at that width until it imports
             from rlm_pipelines.engines.document import SandboxRLM
 
-            rlm = SandboxRLM("q -> a", sub_lm=sub_lm, max_llm_calls=1_000_000, sandbox=SandboxConfig(isolation=isolation),
+            rlm = SandboxRLM("q -> a", sub_lm=sub_lm, max_llm_calls=1_000_000, sandbox=config,
                              batch_concurrency=OUR_BATCH_CONCURRENCY)
             return rlm._make_llm_tools()
         except ImportError:
             return dspy_llm_tools(sub_lm, max_workers=OUR_BATCH_CONCURRENCY)
 
-    about = "our local sandbox, bubblewrap isolation" if isolation == "bwrap" else "our local sandbox, NOT isolated"
-    return Peer(f"ours ({isolation})", about,
-                lambda tools: SandboxInterpreter(SandboxConfig(isolation=isolation), tools=tools),
-                llm_tools, ours=True), about
+    return Peer(name, about, lambda tools: SandboxInterpreter(config, tools=tools), llm_tools, ours=True)
 
 
 def dspy_local() -> tuple[Peer | None, str]:

@@ -30,12 +30,14 @@ def _check(cfg) -> None:
     from omegaconf import OmegaConf
 
     from rlm_pipelines.models import MissingKeyError, check_key
+    from rlm_pipelines.sandbox import check_sandbox
     from rlm_pipelines.tasks import resolve
 
     try:
         task, params = resolve(cfg)
         task.check(params)
         check_key(OmegaConf.to_object(cfg.model))
+        check_sandbox(OmegaConf.to_object(cfg.sandbox))
     except (ValueError, FileNotFoundError, MissingKeyError) as exc:
         raise UsageError(str(exc)) from None
 

@@ -31,8 +31,36 @@ class ReplConfig:
 
 
 @dataclass
+class DaytonaOptions:
+    """Daytona cloud sandboxes (`sandbox=daytona`). Every sandbox carries labels (run id, task) so the
+    clean-up command finds orphans; each is deleted when its agent ends, and `ephemeral` / `ttl_minutes`
+    make Daytona delete it anyway if this process dies first."""
+
+    api_key_env: str = "DAYTONA_API_KEY"  # the NAME of the variable holding the key (never the key)
+    api_url: Optional[str] = None  # null: $DAYTONA_API_URL, else Daytona's cloud
+    target: Optional[str] = None  # region, e.g. us or eu; null: the organisation's default
+    snapshot: Optional[str] = None  # a snapshot with Python 3 and git; null: Daytona's default one
+    image: Optional[str] = None  # build from this image instead (then cpu / memory_gb / disk_gb apply)
+    cpu: Optional[int] = None
+    memory_gb: Optional[int] = None
+    disk_gb: Optional[int] = None
+    auto_stop_minutes: int = 15  # idle sandboxes stop (and, ephemeral, are deleted)
+    ephemeral: bool = True  # deleted as soon as they stop
+    auto_delete_minutes: Optional[int] = None  # when not ephemeral: delete this long after stopping
+    ttl_minutes: Optional[int] = 240  # hard lifetime, whatever happens to this process
+    network_allow_list: Optional[str] = None  # CIDRs sandbox code may reach when `network` is false
+    workdir: str = "/workspace"  # made at start; the engines' paths (/workspace/repo) assume it
+    python: str = "python3"  # the sandbox's Python (runs the REPL server; stdlib only)
+    repl_port: int = 7801  # first port for REPL servers (a restarted server takes the next one)
+    create_timeout_s: float = 180.0
+    gateway_retry_s: float = 60.0  # how long a request is retried through 502/503/504 and resets
+
+
+@dataclass
 class SandboxConfig:
-    """Where model-written code runs. `kind` picks the backend: `local` (bubblewrap) or `daytona`."""
+    """Where model-written code runs. `kind` picks the backend: `local` (bubblewrap) or `daytona`. The
+    limits below (rlimits, isolation, python, root_dir) are the local backend's; Daytona's own are in
+    `daytona`. `network` and `env` apply to both."""
 
     kind: str = "local"
     # local: `bwrap` (required), `none` (plain subprocess, NOT isolated), `auto` (bwrap, else `none` with a
@@ -54,6 +82,14 @@ class SandboxConfig:
     # Host folder under which sandbox roots (workspace + private /tmp) are made; null = system temp dir.
     root_dir: Optional[str] = None
     repl: ReplConfig = field(default_factory=ReplConfig)
+    # Put on every sandbox of the run (the pipeline adds rlm-run and rlm-task), so `python -m
+    # rlm_pipelines.sandbox cleanup` can find them.
+    labels: dict[str, str] = field(default_factory=dict)
+    # Repo engine: sub-agents' sandboxes are forks of one prepared sandbox (the repo cloned once) instead
+    # of fresh sandboxes that each clone it. Only where the backend can fork (daytona); local sub-agents'
+    # checkouts are hardlinked copies already.
+    fork_subagents: bool = False
+    daytona: DaytonaOptions = field(default_factory=DaytonaOptions)
 
 
 @dataclass

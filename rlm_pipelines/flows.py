@@ -66,6 +66,7 @@ def open_run(config: dict[str, Any], run_dir: str) -> Run:
         "task": task.name, "engine": task.engine, "model": cfg.model.model, "model_name": cfg.model.name,
         "sandbox": asdict(cfg.sandbox), "limits": asdict(cfg.limits), "config": config})
     tree.save()
+    cfg.sandbox.labels = {**cfg.sandbox.labels, "rlm-run": tree.run["id"], "rlm-task": task.name}
     return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress)
 
 

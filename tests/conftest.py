@@ -57,3 +57,33 @@ def cli(args, cwd, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "rlm_pipelines", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# The live Daytona test looks at the user's real key; the fake uses a variable of its own so they never mix.
+FAKE_KEY_ENV = "RLM_FAKE_DAYTONA_KEY"
+
+
+@pytest.fixture(scope="session")
+def fake_daytona():
+    """A local Daytona API (tests/fakes/daytona_server.py) for the real SDK; its sandboxes are LocalSandboxes."""
+    from tests.fakes.daytona_server import FakeDaytona
+
+    with FakeDaytona() as fake:
+        os.environ[FAKE_KEY_ENV] = fake.api_key
+        yield fake
+    os.environ.pop(FAKE_KEY_ENV, None)
+
+
+def daytona_config(fake, **options):
+    """A SandboxConfig for DaytonaSandbox against the fake."""
+    from rlm_pipelines.config import DaytonaOptions, SandboxConfig, ReplConfig
+
+    repl = options.pop("repl", None) or ReplConfig(start_timeout_s=60)
+    return SandboxConfig(kind="daytona", repl=repl, daytona=DaytonaOptions(
+        api_url=fake.api_url, api_key_env=FAKE_KEY_ENV, gateway_retry_s=20, **options))
+
+
+def daytona_overrides(fake):
+    """CLI overrides that point `sandbox=daytona` at the fake (plus the env var holding its key)."""
+    return ["sandbox=daytona", f"sandbox.daytona.api_url={fake.api_url}",
+            f"sandbox.daytona.api_key_env={FAKE_KEY_ENV}"]

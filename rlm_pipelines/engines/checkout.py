@@ -74,6 +74,13 @@ def prepare_mirror(repo: str, branch: Optional[str], commit: Optional[str]) -> t
     return mirror, done.stdout.decode().strip()
 
 
+def clone_url(repo: str) -> str:
+    """`task.repo` as a URL a sandbox provider can clone: URLs as given, local paths as file:// URLs (which
+    only a provider on this machine can reach; the clone then says so)."""
+    path = Path(repo).expanduser()
+    return path.resolve().as_uri() if path.exists() else repo
+
+
 def checkout_command(commit: str) -> str:
     """Shell command run inside an agent's sandbox to make its fresh checkout at `commit`."""
     # Writing the working tree is the cost (objects come from the mirror); parallel checkout halves it.

@@ -163,10 +163,12 @@ class SandboxInterpreterFactory:
     def execution_instructions(self) -> str:
         cfg = self.config
         isolated = cfg.kind != "local" or cfg.isolation != "none"
+        local = cfg.kind == "local"
         return prompts.load("sandbox_instructions").format(
-            python=platform.python_version(),
-            isolation="bubblewrap" if cfg.kind == "local" and isolated else cfg.kind if isolated else "NOT isolated",
-            workdir="/workspace" if isolated else "the working directory",
+            python=platform.python_version() if local else "3",  # a remote sandbox has its own Python
+            isolation="bubblewrap" if local and isolated else cfg.kind if isolated else "NOT isolated",
+            workdir=(cfg.daytona.workdir if cfg.kind == "daytona" else "/workspace") if isolated
+            else "the working directory",
             network="The network is reachable." if cfg.network else "There is no network access.",
             tools="llm_query, llm_query_batched and any listed tools",
             timeout=f"{cfg.repl.cell_timeout_s:g}",

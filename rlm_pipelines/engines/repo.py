@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines import checkout, prompts
 from rlm_pipelines.models import LLMClient, ModelError
-from rlm_pipelines.sandbox import SandboxStartError, make_sandbox
+from rlm_pipelines.sandbox import SandboxStartError, can_fork, make_sandbox
 
 CODE_BLOCK = re.compile(r"```(?:python|py|repl)[ \t]*\n(.*?)```", re.DOTALL)
 HELPERS = (Path(__file__).parent / "sandbox_helpers.py").read_text(encoding="utf-8")
@@ -47,10 +47,11 @@ class AgentResult:
 class RepoRun:
     """Everything the agents of one run share: model, tree, budget, sandbox slots, the stop signal."""
 
-    def __init__(self, cfg: Any, tree: Any, budget: Any, progress: Any, mirror: Path, commit: str):
+    def __init__(self, cfg: Any, tree: Any, budget: Any, progress: Any, mirror: Path, commit: str, url: str):
+        """`mirror`: the host's mirror of the repo; `url`: where remote sandboxes clone it from."""
         self.cfg, self.tree, self.budget, self.progress = cfg, tree, budget, progress
         self.limits = cfg.limits
-        self.mirror, self.commit = mirror, commit
+        self.mirror, self.commit, self.url = mirror, commit, url
         self.llm = LLMClient(cfg.model, budget.ledger)
         self.deadline = time.monotonic() + self.limits.wall_time_s
         self.stop = threading.Event()
@@ -61,6 +62,8 @@ class RepoRun:
         self._idle = threading.Condition(self._lock)
         self._live: set[Any] = set()
         self._base: Optional[Path] = None  # the checkout sub-agents' checkouts are hardlinked from
+        self._template: Any = None  # the prepared sandbox sub-agents' sandboxes are forked from
+        self._template_lock = threading.Lock()
         self.wrap_agent: Callable[[Callable[..., AgentResult]], Callable[..., AgentResult]] = lambda f: f
 
     # -- shared limits
@@ -116,11 +119,37 @@ class RepoRun:
                 self._base = checkout.make_base(self.mirror, self.commit, self.cfg.sandbox.root_dir)
             return self._base
 
+    def template(self) -> Any:
+        """A sandbox with a fresh checkout that no agent uses, made once: sub-agents get forks of it (see
+        `sandbox.fork_subagents`) instead of a new sandbox that clones the repo again."""
+        with self._template_lock:
+            if self._template is None:
+                if not self._reserve_slot():
+                    raise BudgetExceeded(f"limits.max_sandboxes={self.limits.max_sandboxes} is spent")
+                sandbox = make_sandbox(self.cfg.sandbox, name="template")
+                try:
+                    sandbox.start()
+                    self.tree.count("sandboxes")
+                    self._checkout(sandbox, 0)
+                except BaseException:
+                    sandbox.stop()
+                    raise
+                finally:
+                    self._release_slot(True)  # it holds no agent slot, only its share of the budget
+                self._template = sandbox
+            return self._template
+
     def cleanup(self) -> None:
         if self._base is not None:
             shutil.rmtree(self._base.parent, ignore_errors=True)
+        if self._template is not None:
+            self._template.stop()
 
     def _checkout(self, sandbox: Any, depth: int) -> None:
+        clone = getattr(sandbox, "clone", None)
+        if clone is not None:  # a remote sandbox cannot see the mirror: the provider clones the repo itself
+            clone(self.url, checkout.REPO_IN_SANDBOX, commit=self.commit)
+            return
         seed = getattr(sandbox, "seed", None)
         if depth > 0 and seed is not None and seed(self.base(), checkout.REPO_IN_SANDBOX):
             return
@@ -142,13 +171,18 @@ class RepoRun:
             return AgentResult(message, "budget_exceeded")
         sandbox, made = None, False
         try:
-            mounts = {str(self.mirror): checkout.MIRROR_IN_SANDBOX}
-            sandbox = make_sandbox(self.cfg.sandbox, name=f"agent-{agent}", mounts=mounts)
-            sandbox.start()
+            forked = depth > 0 and can_fork(self.cfg.sandbox)
+            if forked:
+                sandbox = self.template().fork(f"agent-{agent}")
+            else:
+                mounts = {str(self.mirror): checkout.MIRROR_IN_SANDBOX}
+                sandbox = make_sandbox(self.cfg.sandbox, name=f"agent-{agent}", mounts=mounts)
+                sandbox.start()
             made = True
             self.tree.update_node(agent, sandbox_id=sandbox.id)
             self.tree.count("sandboxes")
-            self._checkout(sandbox, depth)
+            if not forked:
+                self._checkout(sandbox, depth)
             return Agent(self, agent, task, depth, sandbox).run()
         except Cancelled as exc:
             self.tree.end_node(agent, "cancelled", error=str(exc))
@@ -331,7 +365,7 @@ def run_repo(task: Any, params: Any, cfg: Any, tree: Any, budget: Any, progress:
         register_script(task.name, task.script(params))
     mirror, commit = checkout.prepare_mirror(params.repo, params.branch, params.commit)
     tree.run.update(repo=params.repo, branch=params.branch, commit=commit)
-    run = RepoRun(cfg, tree, budget, progress, mirror, commit)
+    run = RepoRun(cfg, tree, budget, progress, mirror, commit, checkout.clone_url(params.repo))
     if wrap_agent is not None:
         run.wrap_agent = wrap_agent
     try:

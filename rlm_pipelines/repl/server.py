@@ -6,6 +6,7 @@ persistent namespace and speaks the message protocol of `protocol.py` (JSON line
 never on the guest's stdout:
 
     python3 server.py --fds IN OUT        # stdio transport: a dedicated pipe pair inherited from the host
+    python3 server.py --http PORT --secret-file F   # HTTP transport: remote sandboxes, via a preview URL
 
 Threads: the MAIN thread runs cells (so an interrupt is a real SIGINT -> KeyboardInterrupt, which also
 breaks blocking calls); a READER thread receives messages, answers host replies and interrupts at once,
@@ -15,6 +16,7 @@ and queues exec/set_vars/register for the main thread; two DRAIN threads read th
 from __future__ import annotations
 
 import argparse
+import hmac
 import ast
 import builtins
 import inspect
@@ -29,6 +31,8 @@ import sys
 import threading
 import time
 import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 SERVER_FILE = os.path.abspath(__file__)
 RESERVED = {"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"}
@@ -143,6 +147,111 @@ class StdioChannel:
         for line in self.reader:
             if line.strip():
                 yield json.loads(line)
+
+
+class HttpChannel:
+    """The HTTP transport: the host POSTs its messages to /messages and long-polls GET /events for ours.
+
+    Every request must carry the per-session secret (header X-Rlm-Secret; the provider's own token is
+    checked by its gateway before we see anything). Retries are safe both ways: the host numbers what it
+    posts (`seq`) and one already seen is acknowledged and dropped, so a retried POST after a lost response
+    never runs a cell twice; we number what we send and the host asks for what comes after the last number
+    it has, so a lost poll response loses nothing (acknowledged events are dropped then). A host that has
+    not been heard from for `idle_exit` seconds is gone: the server exits rather than outlive it.
+    """
+
+    def __init__(self, port, secret, idle_exit=300.0):
+        self.secret = secret.encode()
+        self.inbox = queue.Queue()
+        self.outbox = []  # [(n, message)], n increasing
+        self.sent = 0
+        self.seen = set()
+        self.cond = threading.Condition()
+        self.heard = time.monotonic()
+        self.idle_exit = idle_exit
+        channel = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms ACK wait
+
+            def log_message(self, *args):  # fd 2 belongs to cell output
+                pass
+
+            def _reply(self, code, body):
+                data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=repr).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _allowed(self):
+                given = (self.headers.get("X-Rlm-Secret") or "").encode()
+                if hmac.compare_digest(given, channel.secret):
+                    channel.heard = time.monotonic()
+                    return True
+                self._reply(403, {"error": "wrong or missing X-Rlm-Secret"})
+                return False
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not self._allowed():
+                    return
+                if urlparse(self.path).path != "/messages":
+                    return self._reply(404, {"error": "POST /messages only"})
+                try:
+                    posted = json.loads(body)
+                    seq, message = posted["seq"], posted["message"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    return self._reply(400, {"error": "expected {seq, message}: %s" % exc})
+                with channel.cond:
+                    duplicate = seq in channel.seen
+                    channel.seen.add(seq)
+                if not duplicate:
+                    channel.inbox.put(message)
+                self._reply(200, {"ok": True, "duplicate": duplicate})
+
+            def do_GET(self):
+                if not self._allowed():
+                    return
+                url = urlparse(self.path)
+                if url.path != "/events":
+                    return self._reply(404, {"error": "GET /events only"})
+                query = parse_qs(url.query)
+                after = int(query.get("after", ["0"])[0])
+                wait = min(float(query.get("wait", ["25"])[0]), 60.0)
+                self._reply(200, {"events": channel.events_after(after, wait)})
+
+        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # a dropped client is not cell output
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._watch_host, daemon=True).start()
+
+    def events_after(self, after, wait):
+        """Our messages numbered above `after`, waiting up to `wait` seconds for the first one."""
+        with self.cond:
+            self.outbox = [item for item in self.outbox if item[0] > after]  # the host has the rest
+            self.cond.wait_for(lambda: self.outbox, timeout=wait)
+            return [list(item) for item in self.outbox]
+
+    def _watch_host(self):
+        while True:
+            time.sleep(5)
+            if time.monotonic() - self.heard > self.idle_exit:
+                os._exit(0)
+
+    def send(self, message):
+        json.dumps(message, default=repr)
+        with self.cond:
+            self.sent += 1
+            self.outbox.append((self.sent, message))
+            self.cond.notify_all()
+
+    def messages(self):
+        while True:
+            yield self.inbox.get()
 
 
 # --------------------------------------------------------------------------- the server
@@ -289,6 +398,9 @@ class Server:
 
     def set_vars(self, message):
         variables = message.get("vars") or {}
+        if message.get("file"):  # large inputs arrive as a file uploaded once, not in the message
+            with open(message["file"], encoding="utf-8") as handle:
+                variables = json.load(handle)
         for name in variables:
             _check_name(name)
             if name in self.tool_names:
@@ -423,12 +535,27 @@ def _signature(params):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fds", nargs=2, type=int, metavar=("IN", "OUT"), required=True)
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--fds", nargs=2, type=int, metavar=("IN", "OUT"))
+    how.add_argument("--http", type=int, metavar="PORT")
+    parser.add_argument("--secret-file", help="with --http: file holding the session secret (deleted once read, "
+                        "so it is not on the command line for sandbox code to read)")
+    parser.add_argument("--idle-exit", type=float, default=300.0, help="with --http: exit when the host is "
+                        "silent this long")
     parser.add_argument("--output-limit", type=int, default=100_000)
     args = parser.parse_args(argv)
+    if args.http is not None:
+        if not args.secret_file:
+            parser.error("--http needs --secret-file")
+        with open(args.secret_file) as handle:
+            secret = handle.read().strip()
+        os.unlink(args.secret_file)
+        channel = HttpChannel(args.http, secret, args.idle_exit)
+    else:
+        channel = StdioChannel(*args.fds)
     sys.stdout.reconfigure(errors="backslashreplace", line_buffering=True)  # print and os.system stay in order
     sys.stderr.reconfigure(errors="backslashreplace")
-    Server(StdioChannel(*args.fds), args.output_limit).serve()
+    Server(channel, args.output_limit).serve()
 
 
 if __name__ == "__main__":

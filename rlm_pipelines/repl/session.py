@@ -105,7 +105,10 @@ class _Connection:
                 future.set_exception(ReplDied(f"the REPL process exited ({self.transport.exit_info()})"))
                 return future
             self.waiting[message["id"]] = future
-        self.transport.send(message)
+        try:
+            self.transport.send(message)
+        except OSError as exc:  # the server is gone (broken pipe, unreachable): same as a dead process
+            self._fail(ReplDied(f"the REPL server cannot be reached ({exc}; {self.transport.exit_info()})"))
         return future
 
     def kill(self) -> None:
@@ -113,10 +116,19 @@ class _Connection:
         self._fail(ReplDied("the REPL process was killed"))
 
 
+VARS_FILE_MIN_BYTES = 64 * 1024  # inputs larger than this travel as an uploaded file
+
+
 class ReplSession:
-    def __init__(self, spawn: Callable[[], Transport], config: Optional[ReplConfig] = None):
+    def __init__(self, spawn: Callable[[], Transport], config: Optional[ReplConfig] = None,
+                 stage: Optional[Callable[[str, bytes], str]] = None):
+        """`stage(name, data) -> path inside`, where the sandbox has it, writes a file in the sandbox's temp
+        dir: large inputs go that way once (a restarted server reads the same file again) instead of
+        through the message channel."""
         self.config = config or ReplConfig()
         self._spawn = spawn
+        self._stage = stage
+        self._vars_files: list[str] = []
         self._ids = itertools.count(1)
         self._lock = threading.RLock()  # one request at a time; calls from the sandbox do not take it
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -155,6 +167,8 @@ class ReplSession:
         self._conn = self._connect()
         if self._registration is not None:
             self._command({**self._registration, "type": "register"})
+        for path in self._vars_files:
+            self._command({"type": "set_vars", "file": path})
         if self._vars:
             self._command({"type": "set_vars", "vars": self._vars})
 
@@ -199,8 +213,16 @@ class ReplSession:
         """Inject JSON-compatible values as globals. Sent once; kept to restore them after a restart."""
         with self._lock:
             self._ensure_alive()
-            self._command({"type": "set_vars", "vars": variables})
-            self._vars.update(variables)
+            data = json.dumps(variables, ensure_ascii=False).encode() if self._stage is not None else b""
+            if len(data) >= VARS_FILE_MIN_BYTES:
+                path = self._stage(f".rlm-inputs-{len(self._vars_files) + 1}.json", data)
+                self._command({"type": "set_vars", "file": path})
+                self._vars_files.append(path)
+                for name in variables:  # a later small value of the same name must not be shadowed
+                    self._vars.pop(name, None)
+            else:
+                self._command({"type": "set_vars", "vars": variables})
+                self._vars.update(variables)
 
     def _command(self, message: dict[str, Any]) -> dict[str, Any]:
         message["id"] = next(self._ids)

@@ -136,7 +136,7 @@ class LocalSandbox:
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
                  "--bind", str(root / "workspace"), WORKDIR, "--bind", str(root / "tmp"), "/tmp",
-                 "--proc", "/proc", "--dev", "/dev", "--chdir", cwd or WORKDIR]
+                 "--proc", "/proc", "--dev", "/dev", "--chdir", os.path.normpath(os.path.join(WORKDIR, cwd or "."))]
         for host, inside in self.mounts.items():
             argv += ["--ro-bind", host, inside]
         for key, value in env.items():
@@ -201,7 +201,12 @@ class LocalSandbox:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             return StdioTransport(start, args, kill=_kill)
 
-        session = ReplSession(spawn, self.config.repl)
+        def stage(name: str, data: bytes) -> str:
+            path = f"{self._tmpdir()}/{name}"
+            self.upload(path, data)
+            return path
+
+        session = ReplSession(spawn, self.config.repl, stage=stage)
         with self._lock:
             self._repls.append(session)
         return session
