@@ -23,6 +23,7 @@ LIVE_KEY = os.environ.get("DAYTONA_API_KEY")  # read before any fixture touches 
 def fake(fake_daytona):
     yield fake_daytona
     fake_daytona.preview_faults.clear()
+    fake_daytona.clone_error = None
     assert fake_daytona.sandboxes == {}, "a test left Daytona sandboxes behind"
 
 
@@ -54,11 +55,11 @@ def test_gateway_errors_are_retried_and_a_cell_never_runs_twice(fake):
     with make_sandbox(daytona_config(fake), name="flaky") as sandbox:
         session = sandbox.open_repl()
         assert session.execute("runs = 0").ok
-        for faults in (["after"], ["before"], ["after", "after", "before"]):
+        for faults in (["after"], ["before"], ["reset"], ["after", "reset", "before"]):
             fake.preview_faults[:] = faults  # the next requests: lost on the way in, or their answer lost
             result = session.execute("runs += 1\nruns")
             assert result.ok, result.output()
-        assert session.execute("runs").value == "3"  # one run per cell although requests were replayed
+        assert session.execute("runs").value == "4"  # one run per cell although requests were replayed
         assert session._conn.transport.retries >= 5 and not fake.preview_faults
 
 
@@ -113,6 +114,17 @@ def test_sub_agents_can_be_forks_of_one_prepared_sandbox(fake, tmp_path, monkeyp
     assert fake.calls.count(("POST", "/toolbox/{id}/git/clone")) - clones == 2  # the root's and the template's
     assert tree["usage"]["sandboxes"] == 1 + 1 + 3 + TODOS
     assert b"+    # DONE: validate inputs" in (run_dir / "patch.diff").read_bytes()
+
+
+def test_a_failed_clone_fails_the_run_clearly_and_leaves_no_sandbox(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
+    repo = build(tmp_path / "repo")
+    fake.clone_error = "authentication required for the repository"
+    summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
+                           "orchestration.retries=0")
+    assert summary["status"] == "error"
+    assert "could not clone" in tree["error"] and "authentication required" in tree["error"]
+    # the `fake` fixture then checks that the sandbox made for the root agent was deleted
 
 
 def test_a_missing_api_key_fails_before_anything_starts(fake, tmp_path):

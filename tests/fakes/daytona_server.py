@@ -133,7 +133,10 @@ class FakeDaytona:
         self.calls: list[tuple[str, str]] = []
         self.uploads: list[tuple[str, str, int]] = []  # (sandbox id, path, bytes)
         self.forks: list[tuple[str, str]] = []  # (parent id, child id)
-        self.preview_faults: list[str] = []  # per preview request: "before" (502, not forwarded) or "after"
+        # per preview request: "before" (502, not forwarded), "reset" (connection dropped, not forwarded)
+        # or "after" (forwarded, then its answer lost: 504)
+        self.preview_faults: list[str] = []
+        self.clone_error: Optional[str] = None  # set: git clone fails with this message
         self.lock = threading.Lock()
         self.root = Path(tempfile.mkdtemp(prefix="fake-daytona-"))
         fake = self
@@ -358,6 +361,8 @@ class FakeDaytona:
         """Cloned by the fake on the host into the sandbox's folder (its sandbox has no network, and the
         test repos are host paths), then handed to the sandbox's user, as Daytona's daemon would."""
         request = json.loads(body)
+        if self.clone_error:
+            return _send(h, 400, {"message": self.clone_error, "statusCode": 400})
         source = request["url"].removeprefix("file://")
         target = sandbox.box._host_path(request["path"])
         args = ["git", "clone", "--quiet"] + (["--branch", request["branch"]] if request.get("branch") else [])
@@ -383,6 +388,10 @@ class FakeDaytona:
             fault = self.preview_faults.pop(0) if self.preview_faults else None
         if fault == "before":
             return _send(h, 502, {"message": "injected: bad gateway"})
+        if fault == "reset":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
         query = ("?" + urlparse(h.path).query) if urlparse(h.path).query else ""
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "content-length", "connection")}
         status, reply_headers, data = sandbox.agent_request(h.command, f"/port/{port}{rest or '/'}{query}",
