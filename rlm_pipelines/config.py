@@ -49,6 +49,10 @@ class DaytonaOptions:
     auto_delete_minutes: Optional[int] = None  # when not ephemeral: delete this long after stopping
     ttl_minutes: Optional[int] = 240  # hard lifetime, whatever happens to this process
     network_allow_list: Optional[str] = None  # CIDRs sandbox code may reach when `network` is false
+    # How repo agents get their checkout: `clone` (Daytona's git.clone; with the network off it is opened
+    # for the clone, which needs Daytona tier 3+), `upload` (a git bundle of the host's mirror: no network,
+    # private repos and local paths work), `auto` (clone where it can work, else upload).
+    checkout: str = "auto"
     workdir: str = "/workspace"  # made at start; the engines' paths (/workspace/repo) assume it
     python: str = "python3"  # the sandbox's Python (runs the REPL server; stdlib only)
     repl_port: int = 7801  # first port for REPL servers (a restarted server takes the next one)

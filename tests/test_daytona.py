@@ -24,6 +24,7 @@ def fake(fake_daytona):
     yield fake_daytona
     fake_daytona.preview_faults.clear()
     fake_daytona.clone_error = None
+    fake_daytona.network_locked = False
     assert fake_daytona.sandboxes == {}, "a test left Daytona sandboxes behind"
 
 
@@ -73,6 +74,24 @@ def test_clone_blocks_the_network_again_and_checks_out_the_commit(fake, tmp_path
         assert fake.sandboxes[sandbox.id].network_block_all
 
 
+def test_a_locked_network_falls_back_to_uploading_the_repo(fake, tmp_path):
+    from rlm_pipelines.engines.checkout import make_bundle, prepare_mirror
+    from rlm_pipelines.sandbox import SandboxStartError
+
+    repo = build(tmp_path / "repo")
+    mirror, commit = prepare_mirror(str(repo["path"]), None, None)
+    bundle = make_bundle(mirror, str(tmp_path))
+    fake.network_locked = True  # Daytona tiers 1-2: no runtime network changes
+    with make_sandbox(daytona_config(fake, checkout="clone"), name="locked") as sandbox:
+        with pytest.raises(SandboxStartError, match="checkout=upload"):
+            sandbox.clone("https://example.invalid/repo.git", "/workspace/repo", commit=commit, bundle=lambda: bundle)
+    with make_sandbox(daytona_config(fake), name="locked") as sandbox:  # checkout: auto
+        sandbox.clone("https://example.invalid/repo.git", "/workspace/repo", commit=commit, bundle=lambda: bundle)
+        assert sandbox.run("git rev-parse HEAD && git status --porcelain", cwd="repo") == (0, commit + "\n")
+        assert fake.sandboxes[sandbox.id].network_block_all  # never opened
+        assert sandbox.run("ls /tmp/.rlm")[1].strip() == ""  # the bundle is gone once checked out
+
+
 def test_monte_cristo_end_to_end_in_daytona_sandboxes(fake, prefect_server, tmp_path):
     before = len(fake.uploads)
     done = cli(["task=monte_cristo", "model=scripted", f"task.source={BOOK}", *daytona_overrides(fake)],
@@ -92,7 +111,8 @@ def test_a_depth_two_repo_run_in_daytona_sandboxes(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
     repo = build(tmp_path / "repo")
     first = len(fake.deleted)
-    summary, tree, run_dir = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake))
+    summary, tree, run_dir = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
+                                 "sandbox.daytona.checkout=clone")
     assert summary["status"] == "ok", tree["error"]
     assert len(agents(tree["root"], 1)) == 3 and len(agents(tree["root"], 2)) == TODOS
     assert tree["usage"]["sandboxes"] == 1 + 3 + TODOS
@@ -105,13 +125,14 @@ def test_a_depth_two_repo_run_in_daytona_sandboxes(fake, tmp_path, monkeypatch):
 def test_sub_agents_can_be_forks_of_one_prepared_sandbox(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
     repo = build(tmp_path / "repo")
-    first, clones = len(fake.forks), fake.calls.count(("POST", "/toolbox/{id}/git/clone"))
+    first, uploads = len(fake.forks), len(fake.uploads)
     summary, tree, run_dir = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
-                                 "sandbox.fork_subagents=true")
+                                 "sandbox.fork_subagents=true")  # a local path: checkout=auto uploads it
     assert summary["status"] == "ok", tree["error"]
     assert len(agents(tree["root"], 2)) == TODOS
     assert len(fake.forks) - first == 3 + TODOS  # every sub-agent: a fork of the template
-    assert fake.calls.count(("POST", "/toolbox/{id}/git/clone")) - clones == 2  # the root's and the template's
+    bundles = [u for u in fake.uploads[uploads:] if u[1].endswith("repo.bundle")]
+    assert len(bundles) == 2  # the root's checkout and the template's, nothing per sub-agent
     assert tree["usage"]["sandboxes"] == 1 + 1 + 3 + TODOS
     assert b"+    # DONE: validate inputs" in (run_dir / "patch.diff").read_bytes()
 
@@ -121,7 +142,7 @@ def test_a_failed_clone_fails_the_run_clearly_and_leaves_no_sandbox(fake, tmp_pa
     repo = build(tmp_path / "repo")
     fake.clone_error = "authentication required for the repository"
     summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
-                           "orchestration.retries=0")
+                           "sandbox.daytona.checkout=clone", "orchestration.retries=0")
     assert summary["status"] == "error"
     assert "could not clone" in tree["error"] and "authentication required" in tree["error"]
     # the `fake` fixture then checks that the sandbox made for the root agent was deleted

@@ -102,6 +102,17 @@ def patch_applies(mirror: Path, commit: str, patch: bytes) -> tuple[bool, str]:
         return done.returncode == 0, done.stderr.decode().strip()
 
 
+def make_bundle(mirror: Path, parent: Optional[str] = None) -> Path:
+    """The mirror as one git bundle file (every branch and tag), for sandboxes that cannot reach the repo
+    (see DaytonaSandbox.clone); they clone from it and check out the run's commit."""
+    folder = Path(tempfile.mkdtemp(prefix="rlm-bundle-", dir=parent))
+    done = _git("bundle", "create", str(folder / "repo.bundle"), "--all", cwd=mirror)
+    if done.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CheckoutError(f"cannot bundle the repo for upload: {done.stderr.decode().strip()}")
+    return folder / "repo.bundle"
+
+
 def make_base(mirror: Path, commit: str, parent: Optional[str] = None) -> Path:
     """One checkout of `commit` on the host, which sub-agents' checkouts are hardlinked from (see
     LocalSandbox.seed). Its objects come from the mirror, at the path agents see it."""

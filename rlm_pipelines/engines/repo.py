@@ -63,6 +63,7 @@ class RepoRun:
         self._live: set[Any] = set()
         self._base: Optional[Path] = None  # the checkout sub-agents' checkouts are hardlinked from
         self._template: Any = None  # the prepared sandbox sub-agents' sandboxes are forked from
+        self._bundle: Optional[Path] = None  # the repo as one file, for sandboxes that get it uploaded
         self._template_lock = threading.Lock()
         self.wrap_agent: Callable[[Callable[..., AgentResult]], Callable[..., AgentResult]] = lambda f: f
 
@@ -119,6 +120,12 @@ class RepoRun:
                 self._base = checkout.make_base(self.mirror, self.commit, self.cfg.sandbox.root_dir)
             return self._base
 
+    def bundle(self) -> Path:
+        with self._lock:
+            if self._bundle is None:
+                self._bundle = checkout.make_bundle(self.mirror, self.cfg.sandbox.root_dir)
+            return self._bundle
+
     def template(self) -> Any:
         """A sandbox with a fresh checkout that no agent uses, made once: sub-agents get forks of it (see
         `sandbox.fork_subagents`) instead of a new sandbox that clones the repo again."""
@@ -140,15 +147,16 @@ class RepoRun:
             return self._template
 
     def cleanup(self) -> None:
-        if self._base is not None:
-            shutil.rmtree(self._base.parent, ignore_errors=True)
+        for made in (self._base, self._bundle):
+            if made is not None:
+                shutil.rmtree(made.parent, ignore_errors=True)
         if self._template is not None:
             self._template.stop()
 
     def _checkout(self, sandbox: Any, depth: int) -> None:
         clone = getattr(sandbox, "clone", None)
         if clone is not None:  # a remote sandbox cannot see the mirror: the provider clones the repo itself
-            clone(self.url, checkout.REPO_IN_SANDBOX, commit=self.commit)
+            clone(self.url, checkout.REPO_IN_SANDBOX, commit=self.commit, bundle=self.bundle)
             return
         seed = getattr(sandbox, "seed", None)
         if depth > 0 and seed is not None and seed(self.base(), checkout.REPO_IN_SANDBOX):

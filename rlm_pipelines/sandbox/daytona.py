@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from rlm_pipelines.config import DaytonaOptions, SandboxConfig
 from rlm_pipelines.repl.http import HttpTransport
@@ -64,6 +64,8 @@ def check(options: DaytonaOptions) -> None:
 
     if importlib.util.find_spec("daytona") is None:
         raise MissingDaytonaKey("sandbox=daytona needs the Daytona SDK: pip install 'rlm-pipelines[daytona]'")
+    if options.checkout not in ("auto", "clone", "upload"):
+        raise ValueError(f"sandbox.daytona.checkout must be auto, clone or upload, not {options.checkout!r}")
     api_key(options)
 
 
@@ -209,24 +211,62 @@ class DaytonaSandbox:
         except Exception as exc:
             raise FileNotFoundError(f"{path} in Daytona sandbox {self.id}: {exc}") from exc
 
-    def clone(self, url: str, path: str, branch: Optional[str] = None, commit: Optional[str] = None) -> None:
-        """A checkout made by Daytona itself (`git.clone`). The clone needs the network: where sandbox code
-        must not have it, it is opened for the clone and blocked again before any model code runs."""
+    def clone(self, url: str, path: str, branch: Optional[str] = None, commit: Optional[str] = None,
+              bundle: Optional[Callable[[], Path]] = None) -> None:
+        """Check out a repo at `path`, the way `daytona.checkout` says:
+
+        clone   Daytona clones it (`git.clone`). That needs the network: where sandbox code must not have it,
+                it is opened for the clone and blocked again before any model code runs, which takes runtime
+                network changes (Daytona tiers 3 and 4).
+        upload  `bundle()` (a git bundle the host made from its mirror) is uploaded and cloned from, with no
+                network at all: any tier, private repos, local paths.
+        auto    clone where that can work, else upload.
+        """
+        mode = self.options.checkout
+        if mode == "auto" and url.startswith("file://") and bundle is not None:
+            mode = "upload"  # a path on this machine: Daytona's cloud cannot reach it
+        if mode in ("auto", "clone"):
+            try:
+                return self._clone(url, path, branch, commit)
+            except _NetworkLocked as exc:
+                if mode == "clone" or bundle is None:
+                    raise SandboxStartError(
+                        f"Daytona refused to open sandbox {self.id}'s network for the clone ({exc}): set "
+                        f"sandbox.daytona.checkout=upload (or auto), or sandbox.network=true") from exc
+                log.info("sandbox %s cannot open its network for a clone (%s): uploading the repo", self.id, exc)
+        if bundle is None:
+            raise SandboxError("sandbox.daytona.checkout=upload needs the repo as a bundle; none was given")
+        self._checkout_bundle(bundle(), path, commit)
+
+    def _clone(self, url: str, path: str, branch: Optional[str], commit: Optional[str]) -> None:
         sdk = self._require()
-        blocked = not self.config.network
-        try:
-            if blocked:
+        locked = not self.config.network
+        if locked:
+            try:
                 sdk.update_network_settings(network_block_all=False)
+            except Exception as exc:
+                raise _NetworkLocked(str(exc)) from exc
+        try:
             sdk.git.clone(url, self._path(path), branch=branch, commit_id=commit)
         except Exception as exc:
             raise SandboxStartError(f"Daytona could not clone {url} into sandbox {self.id}: {exc}. Daytona "
-                                    f"clones over the network: task.repo must be a URL it can reach") from exc
+                                    f"clones over the network: task.repo must be a URL it can reach, or set "
+                                    f"sandbox.daytona.checkout=upload") from exc
         finally:
-            if blocked:
+            if locked:  # fails closed: if this raises, the agent never starts and the sandbox is deleted
                 if self.options.network_allow_list:
                     sdk.update_network_settings(network_allow_list=self.options.network_allow_list)
                 else:
                     sdk.update_network_settings(network_block_all=True)
+
+    def _checkout_bundle(self, bundle: Path, path: str, commit: Optional[str]) -> None:
+        remote, target = f"{RLM_DIR}/repo.bundle", shlex.quote(self._path(path))
+        self._require().fs.upload_file(str(bundle), remote)  # streamed from disk, not read into memory
+        detach = f" && git -C {target} checkout --quiet --detach {shlex.quote(commit)}" if commit else ""
+        code, out = self.run(f"git clone --quiet {remote} {target}{detach}; status=$?; rm -f {remote}; "
+                             f"exit $status", cwd="/", timeout=600)
+        if code != 0:
+            raise SandboxStartError(f"checkout from the uploaded repo failed in sandbox {self.id}: {out.strip()[-500:]}")
 
     def fork(self, name: str) -> "DaytonaSandbox":
         """A started sandbox with this one's files (copy-on-write on Daytona's side): a prepared checkout
@@ -284,6 +324,10 @@ class DaytonaSandbox:
         with self._lock:
             self._repls.append(session)
         return session
+
+
+class _NetworkLocked(Exception):
+    """Daytona would not change a running sandbox's network (tiers 1 and 2 cannot)."""
 
 
 class _ServerProcess:

@@ -137,6 +137,7 @@ class FakeDaytona:
         # or "after" (forwarded, then its answer lost: 504)
         self.preview_faults: list[str] = []
         self.clone_error: Optional[str] = None  # set: git clone fails with this message
+        self.network_locked = False  # set: runtime network changes are refused, as for Daytona tiers 1-2
         self.lock = threading.Lock()
         self.root = Path(tempfile.mkdtemp(prefix="fake-daytona-"))
         fake = self
@@ -240,6 +241,9 @@ class FakeDaytona:
         _send(h, 200, {"labels": sandbox.labels})
 
     def _post_api_sandbox_id_network_settings(self, h, url, body, sandbox):
+        if self.network_locked:
+            return _send(h, 403, {"message": "Updating network settings is available for Tier 3 and above",
+                                  "statusCode": 403})
         settings = json.loads(body)
         sandbox.network_history.append(settings)
         if "networkBlockAll" in settings:
