@@ -128,11 +128,12 @@ class RepoRun:
 
     def template(self) -> Any:
         """A sandbox with a fresh checkout that no agent uses, made once: sub-agents get forks of it (see
-        `sandbox.fork_subagents`) instead of a new sandbox that clones the repo again."""
+        `sandbox.fork_subagents`) instead of a new sandbox that checks the repo out again. None when the
+        sandbox budget has no room for it (then agents make their own)."""
         with self._template_lock:
             if self._template is None:
                 if not self._reserve_slot():
-                    raise BudgetExceeded(f"limits.max_sandboxes={self.limits.max_sandboxes} is spent")
+                    return None
                 sandbox = make_sandbox(self.cfg.sandbox, name="template")
                 try:
                     sandbox.start()
@@ -179,9 +180,9 @@ class RepoRun:
             return AgentResult(message, "budget_exceeded")
         sandbox, made = None, False
         try:
-            forked = depth > 0 and can_fork(self.cfg.sandbox)
-            if forked:
-                sandbox = self.template().fork(f"agent-{agent}")
+            template = self.template() if depth > 0 and can_fork(self.cfg.sandbox) else None
+            if template is not None:
+                sandbox = template.fork(f"agent-{agent}")
             else:
                 mounts = {str(self.mirror): checkout.MIRROR_IN_SANDBOX}
                 sandbox = make_sandbox(self.cfg.sandbox, name=f"agent-{agent}", mounts=mounts)
@@ -189,7 +190,7 @@ class RepoRun:
             made = True
             self.tree.update_node(agent, sandbox_id=sandbox.id)
             self.tree.count("sandboxes")
-            if not forked:
+            if template is None:
                 self._checkout(sandbox, depth)
             return Agent(self, agent, task, depth, sandbox).run()
         except Cancelled as exc:
