@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -168,6 +169,7 @@ class FakeDaytona:
         for sandbox in list(self.sandboxes.values()):
             sandbox.delete()
         self.sandboxes.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
 
     # -- dispatch
 
