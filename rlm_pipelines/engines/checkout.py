@@ -45,7 +45,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 def prepare_mirror(repo: str, branch: Optional[str], commit: Optional[str]) -> tuple[Path, str]:
     """(the mirror's path, the commit every agent checks out). Clones or fetches the mirror first."""
-    source = str(Path(repo).expanduser().resolve()) if Path(repo).expanduser().exists() else repo
+    local = _local_repo(repo)
+    source = str(local) if local is not None else repo
     mirror = mirror_cache() / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".git")
     with _locked(mirror):
         if (mirror / "HEAD").is_file():
@@ -74,11 +75,17 @@ def prepare_mirror(repo: str, branch: Optional[str], commit: Optional[str]) -> t
     return mirror, done.stdout.decode().strip()
 
 
-def clone_url(repo: str) -> str:
-    """`task.repo` as a URL a sandbox provider can clone: URLs as given, local paths as file:// URLs (which
-    only a provider on this machine can reach; the clone then says so)."""
+def _local_repo(repo: str) -> Optional[Path]:
+    """`task.repo` as an absolute path when it names a folder on this machine, else None (a URL)."""
     path = Path(repo).expanduser()
-    return path.resolve().as_uri() if path.exists() else repo
+    return path.resolve() if path.exists() else None
+
+
+def clone_url(repo: str) -> str:
+    """`task.repo` as a URL for a sandbox provider: URLs as given, local paths as file:// URLs (which no
+    cloud provider can reach: DaytonaSandbox uploads those instead, see its `checkout` option)."""
+    local = _local_repo(repo)
+    return local.as_uri() if local is not None else repo
 
 
 def checkout_command(commit: str) -> str:

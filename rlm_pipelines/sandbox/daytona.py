@@ -31,12 +31,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from rlm_pipelines.config import DaytonaOptions, SandboxConfig
 from rlm_pipelines.repl.http import HttpTransport
+from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
 from rlm_pipelines.sandbox.base import SandboxError, SandboxStartError
 
 log = logging.getLogger(__name__)
 
-SERVER = Path(__file__).resolve().parent.parent / "repl" / "server.py"
 RLM_DIR = "/tmp/.rlm"  # the server file and its secrets (inside the sandbox)
 OWNER_LABEL = "rlm-pipelines"  # on every sandbox we make: what the clean-up command looks for
 _LIVE: "weakref.WeakSet[DaytonaSandbox]" = weakref.WeakSet()
@@ -196,8 +196,8 @@ class DaytonaSandbox:
             code = 124
         return code, response.result or ""
 
-    def _must(self, command: str, cwd: str, what: str) -> str:
-        code, out = self.run(command, cwd=cwd, timeout=120)
+    def _must(self, command: str, cwd: str, what: str, timeout: float = 120) -> str:
+        code, out = self.run(command, cwd=cwd, timeout=timeout)
         if code != 0:
             raise SandboxStartError(f"could not {what} in Daytona sandbox {self.id}: {out.strip()[-500:]}")
         return out
@@ -263,10 +263,8 @@ class DaytonaSandbox:
         remote, target = f"{RLM_DIR}/repo.bundle", shlex.quote(self._path(path))
         self._require().fs.upload_file(str(bundle), remote)  # streamed from disk, not read into memory
         detach = f" && git -C {target} checkout --quiet --detach {shlex.quote(commit)}" if commit else ""
-        code, out = self.run(f"git clone --quiet {remote} {target}{detach}; status=$?; rm -f {remote}; "
-                             f"exit $status", cwd="/", timeout=600)
-        if code != 0:
-            raise SandboxStartError(f"checkout from the uploaded repo failed in sandbox {self.id}: {out.strip()[-500:]}")
+        self._must(f"git clone --quiet {remote} {target}{detach}; status=$?; rm -f {remote}; exit $status",
+                   "/", "check out the uploaded repo", timeout=600)
 
     def fork(self, name: str) -> "DaytonaSandbox":
         """A started sandbox with this one's files (copy-on-write on Daytona's side): a prepared checkout
@@ -295,7 +293,7 @@ class DaytonaSandbox:
         sdk = self._require()
         with self._lock:
             if not self._server_ready:
-                self.upload(f"{RLM_DIR}/server.py", SERVER.read_bytes())
+                self.upload(f"{RLM_DIR}/server.py", SERVER_PATH.read_bytes())
                 self._server_ready = True
 
         def spawn() -> HttpTransport:

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from rlm_pipelines.config import SandboxConfig
+from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
 from rlm_pipelines.repl.stdio import StdioTransport
 from rlm_pipelines.sandbox.base import SandboxError, SandboxStartError
 
 log = logging.getLogger(__name__)
 
-SERVER = Path(__file__).resolve().parent.parent / "repl" / "server.py"
 WORKDIR = "/workspace"
 # /etc entries programs need to run; nothing with secrets. resolv.conf/hosts only with network.
 ETC_FILES = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf",
@@ -131,7 +131,7 @@ class LocalSandbox:
         argv += _system_mounts(cfg.network)
         for prefix in sorted({sys.base_prefix, sys.prefix, str(Path(self._python()).resolve().parent.parent)}):
             argv += ["--ro-bind", prefix, prefix]
-        argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER), "/.rlm/server.py",
+        argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
@@ -192,7 +192,7 @@ class LocalSandbox:
 
     def open_repl(self) -> ReplSession:
         self.start()
-        server = str(SERVER) if self.isolation == "none" else "/.rlm/server.py"
+        server = str(SERVER_PATH) if self.isolation == "none" else "/.rlm/server.py"
         args = ["--output-limit", str(self.config.repl.output_limit_chars)]
 
         def spawn() -> StdioTransport:
