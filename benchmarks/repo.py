@@ -94,7 +94,7 @@ def checkout_costs(repo: Path, rounds: int) -> dict[str, list[float]]:
 
 
 def tree_of_41(repo: Path, work: Path) -> dict[str, float]:
-    from rlm_pipelines.flows import run_steps
+    from rlm_pipelines.orchestration.inprocess import run_steps
     from tests.test_config import composed
 
     register_script("tree41", DepthScript({

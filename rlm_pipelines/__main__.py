@@ -1,45 +1,16 @@
-"""`python -m rlm_pipelines ...`: Hydra composes and validates a run, then the pipeline runs it.
+"""`python -m rlm_pipelines ...`: Hydra composes and validates a run, then the orchestration runs it.
 
-Everything that can be wrong with the input (an unknown task or model, a wrong type, a missing key, a
-missing input file) fails here, before any sandbox starts, with a message that says what to do.
+Everything that can be wrong with the input fails in `checks.check_run`, before any sandbox starts. The
+config groups are the package's own (`rlm_pipelines.paths.conf_dir()`), plus any folder given with Hydra's
+`--config-dir` (a user's own models, tasks, limits).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-import rlm_pipelines  # noqa: F401 - sets LITELLM_LOCAL_MODEL_COST_MAP before anything imports litellm
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-# Prefect without a server starts a temporary one in this process: give it time on small machines, and
-# keep it from phoning home. A user's own settings win.
-for key, value in {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
-    os.environ.setdefault(key, value)
-
-
-class UsageError(Exception):
-    """Bad input: printed without a traceback, exit code 2."""
-
-
-def _check(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    from rlm_pipelines.models import MissingKeyError, check_key
-    from rlm_pipelines.sandbox import check_sandbox
-    from rlm_pipelines.tasks import resolve
-
-    try:
-        task, params = resolve(cfg)
-        task.check(params)
-        check_key(OmegaConf.to_object(cfg.model))
-        check_sandbox(OmegaConf.to_object(cfg.sandbox))
-    except (ValueError, FileNotFoundError, MissingKeyError) as exc:
-        raise UsageError(str(exc)) from None
+from rlm_pipelines.checks import UsageError, check_run
+from rlm_pipelines.environment import apply_defaults
 
 
 def _quiet_libraries() -> None:
@@ -56,10 +27,11 @@ def _app(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from rlm_pipelines.flows import STATUS_EXIT, run_pipeline
+    from rlm_pipelines.orchestration import run_pipeline
+    from rlm_pipelines.pipeline import STATUS_EXIT
 
     _quiet_libraries()
-    _check(cfg)
+    check_run(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
     config = OmegaConf.to_container(cfg, resolve=True)
     print(f"run: task={cfg.task.name} model={cfg.model.name} -> {run_dir}", file=sys.stderr)
@@ -80,16 +52,18 @@ def _app(cfg) -> int:
 
 
 def main() -> None:
+    apply_defaults()
     import hydra
 
     from rlm_pipelines.config import register_configs
+    from rlm_pipelines.paths import conf_dir
     from rlm_pipelines.tasks import discover, register_task_schemas
 
     register_configs()
-    register_task_schemas(discover(), CONF)
+    register_task_schemas(discover(), conf_dir())
     codes: list[int] = []
 
-    @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
     def app(cfg) -> None:
         try:
             codes.append(_app(cfg))

@@ -157,7 +157,7 @@ class OrchestrationConfig:
     retries: int = 2  # of the engine step, on transient infrastructure errors only
     retry_delay_s: float = 5.0
     progress: bool = True  # per-iteration lines and progress bars on the console
-    outputs_dir: str = "outputs"  # where scheduled runs (which Hydra does not launch) write their run folders
+    outputs_dir: str = "outputs"  # where run folders go (runs/..., sweeps/...), for every way a run starts
 
 
 @dataclass
@@ -172,8 +172,13 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore, so a wrong type or an unknown key fails at compose time."""
+    """Put the schemas in Hydra's ConfigStore, so a wrong type or an unknown key fails at compose time, and
+    the resolvers `conf/config.yaml` uses."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from rlm_pipelines.paths import run_folder
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("rlm_run_folder", run_folder, replace=True)

@@ -1,72 +1,7 @@
-"""`python -m rlm_pipelines.serve schedule=nightly [schedule.KEY=...] [run overrides]`: serve scheduled runs.
+"""`python -m rlm_pipelines.serve schedule=nightly`: the command's stable name; the scheduler itself is
+`rlm_pipelines.orchestration.serve` (the orchestration folder is the one that imports Prefect)."""
 
-Serves one Prefect deployment per repo of `conf/schedule/<name>.yaml`, each on its cron schedule, until
-stopped. Schedules only fire against a Prefect server (`prefect server start` + PREFECT_API_URL). Each
-deployment carries its fully composed run config as plain data; runs write under
-`orchestration.outputs_dir` (made absolute here, so it does not depend on where the worker runs).
-"""
-
-from __future__ import annotations
-
-import os
-import sys
-from pathlib import Path
-from typing import Any
-
-# (importing __main__ also applies its Prefect and litellm environment defaults)
-from rlm_pipelines.__main__ import CONF, UsageError, _check
-
-
-def deployments_config(argv: list[str]) -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
-    """(the schedule, [(deployment name, run config)]) from the command line; fails before serving on bad
-    input."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from rlm_pipelines.config import register_configs
-    from rlm_pipelines.tasks import discover, register_task_schemas
-
-    names = [a.split("=", 1)[1] for a in argv if a.startswith("schedule=")]
-    if len(names) != 1:
-        raise UsageError("name one schedule, e.g. schedule=nightly (a file in conf/schedule/)")
-    schedule_overrides = [a for a in argv if a.startswith("schedule.")]
-    run_overrides = [a for a in argv if not a.startswith("schedule")]
-    register_configs()
-    register_task_schemas(discover(), CONF)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        schedule = compose(f"schedule/{names[0]}", overrides=schedule_overrides).schedule
-        outputs = str(Path(os.getcwd(), "outputs").resolve())
-        plans = []
-        for repo in schedule.repos:
-            where = str(Path(repo.repo).resolve()) if Path(repo.repo).exists() else repo.repo
-            overrides = [f"task={repo.task}", f"task.repo={where}", f"task.branch={repo.branch}",
-                         f"model={schedule.model_name}",
-                         f"orchestration.outputs_dir={outputs}", *repo.get("overrides", []), *run_overrides]
-            cfg = compose("config", overrides=overrides)
-            _check(cfg)
-            plans.append((f"{repo.task}-{repo.name}", OmegaConf.to_container(cfg, resolve=True)))
-    return schedule, plans
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        schedule, plans = deployments_config(argv)
-    except UsageError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    from prefect import serve
-    from prefect.schedules import Cron
-
-    from rlm_pipelines.prefect_flow import rlm_run
-
-    deployments = [rlm_run.to_deployment(name=name, parameters={"config": config},
-                                         schedule=Cron(schedule.cron, timezone=schedule.timezone),
-                                         tags=["rlm-pipelines", config["task"]["name"]])
-                   for name, config in plans]
-    print(f"serving {len(deployments)} deployments on '{schedule.cron}' ({schedule.timezone}): "
-          + ", ".join(name for name, _ in plans), flush=True)
-    serve(*deployments)
-
+from rlm_pipelines.orchestration.serve import main
 
 if __name__ == "__main__":
     main()

@@ -54,7 +54,7 @@ def prefect_server(tmp_path_factory):
 
 def cli(args, cwd, env=None, timeout=600):
     """Run `python -m rlm_pipelines ARGS` as a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "rlm_pipelines", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

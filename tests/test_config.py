@@ -4,7 +4,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlm_pipelines.__main__ import CONF
+from rlm_pipelines.paths import conf_dir
+
+CONF = conf_dir()
 from rlm_pipelines.config import ModelSpec, RunConfig, register_configs
 from rlm_pipelines.tasks import discover, register_task_schemas, resolve
 

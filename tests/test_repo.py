@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlm_pipelines.engines.repo import _bounded
-from rlm_pipelines.flows import run_steps
+from rlm_pipelines.orchestration.inprocess import run_steps
 from rlm_pipelines.models.scripted import DepthScript, Turn, register_script
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import TODOS, build

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from omegaconf import OmegaConf
 
-from rlm_pipelines.flows import run_steps
+from rlm_pipelines.orchestration.inprocess import run_steps
 from tests.conftest import BOOK, PROJECT, free_port
 from tests.fixtures.todo_repo import TODOS, build
 from tests.test_config import composed

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from rlm_pipelines.paths import cache_dir
+
 MIRROR_IN_SANDBOX = "/mirror"  # where agents see the mirror (read-only)
 REPO_IN_SANDBOX = "/workspace/repo"
 
@@ -31,10 +33,6 @@ def _git(*args: str, cwd: Optional[Path] = None, input_: Optional[bytes] = None,
     return subprocess.run(["git", *args], cwd=cwd, input=input_, capture_output=True, timeout=timeout, env=env)
 
 
-def mirror_cache() -> Path:
-    return Path(os.environ.get("RLM_CACHE_DIR") or Path.home() / ".cache" / "rlm-pipelines") / "mirrors"
-
-
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +45,7 @@ def prepare_mirror(repo: str, branch: Optional[str], commit: Optional[str]) -> t
     """(the mirror's path, the commit every agent checks out). Clones or fetches the mirror first."""
     local = _local_repo(repo)
     source = str(local) if local is not None else repo
-    mirror = mirror_cache() / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".git")
+    mirror = cache_dir("mirrors") / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".git")
     with _locked(mirror):
         if (mirror / "HEAD").is_file():
             done = _git("fetch", "--prune", "--quiet", "origin", cwd=mirror)

@@ -40,8 +40,7 @@ def check_key(spec: ModelSpec) -> None:
     for each in (spec, sub_spec(spec)):
         if each.api_key_env and not os.environ.get(each.api_key_env):
             raise MissingKeyError(f"model {each.model!r} needs an API key: set the environment variable "
-                                  f"{each.api_key_env} (e.g. `export {each.api_key_env}=...`), or choose "
-                                  f"model=scripted to run offline")
+                                  f"{each.api_key_env} (e.g. `export {each.api_key_env}=...`)")
 
 
 def sub_spec(spec: ModelSpec) -> ModelSpec:

@@ -1,1 +1,1 @@
-"""Reports: run summaries, plots and (later) the viewer bundle."""
+"""Reports over many runs: the sweep report a multirun ends with."""

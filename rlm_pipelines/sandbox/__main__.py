@@ -11,32 +11,42 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-
-CONF = Path(__file__).resolve().parent.parent.parent / "conf" / "sandbox" / "daytona.yaml"
 
 
-def cleanup(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlm_pipelines.sandbox cleanup", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--run", help="only this run's sandboxes (the id in run.json)")
-    parser.add_argument("--task", help="only sandboxes of this task")
-    parser.add_argument("--older-than", type=float, default=0.0, metavar="MINUTES",
-                        help="only sandboxes created at least this long ago (spare runs still going)")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
-    parser.add_argument("--config", default=str(CONF), help="the sandbox config to take the API settings from")
-    args = parser.parse_args(argv)
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rlm_pipelines.sandbox",
+                                     description="Commands for the sandboxes runs make.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    clean = commands.add_parser("cleanup", help="delete Daytona sandboxes a killed run left behind",
+                                description=__doc__.split("\n\n")[1])
+    clean.add_argument("--run", help="only this run's sandboxes (the id in run.json)")
+    clean.add_argument("--task", help="only sandboxes of this task")
+    clean.add_argument("--older-than", type=float, default=0.0, metavar="MINUTES",
+                       help="only sandboxes created at least this long ago (spare runs still going)")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    clean.add_argument("--config", help="a sandbox config file to take the API settings from (default: the "
+                                        "built-in sandbox/daytona.yaml)")
+    return parser
+
+
+def cleanup(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from rlm_pipelines.config import SandboxConfig
+    from rlm_pipelines.paths import conf_dir
     from rlm_pipelines.sandbox.daytona import OWNER_LABEL, MissingDaytonaKey, client
 
-    config: SandboxConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SandboxConfig),
-                                                                OmegaConf.load(args.config)))  # type: ignore
+    source = OmegaConf.load(args.config or conf_dir() / "sandbox" / "daytona.yaml")
+    config: SandboxConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SandboxConfig), source))  # type: ignore
     try:
         daytona = client(config.daytona)
-    except MissingDaytonaKey as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except MissingDaytonaKey:
+        variable = config.daytona.api_key_env
+        print(f"error: cleanup lists and deletes sandboxes through the Daytona API, which needs your key in "
+              f"${variable}: `export {variable}=...` (keys: https://app.daytona.io/dashboard/keys), or give "
+              f"--config a sandbox config whose daytona.api_key_env names the variable that holds it",
+              file=sys.stderr)
         return 2
     from daytona import ListSandboxesQuery
 
@@ -75,12 +85,8 @@ def _when(value: object) -> "datetime | None":
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "cleanup":
-        print("usage: python -m rlm_pipelines.sandbox cleanup [--run ID] [--task NAME] [--older-than MINUTES] "
-              "[--dry-run]", file=sys.stderr)
-        return 2
-    return cleanup(argv[1:])
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return cleanup(args)
 
 
 if __name__ == "__main__":

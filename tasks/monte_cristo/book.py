@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+from rlm_pipelines.paths import cache_dir
 
 GUTENBERG_URLS = (
     "https://www.gutenberg.org/cache/epub/1184/pg1184.txt",
@@ -15,10 +16,6 @@ GUTENBERG_URLS = (
 HEADING = re.compile(r"^[ \t]*Chapter (\d+)\.[ \t]*(.*?)[ \t]*$", re.MULTILINE)
 START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE)
 END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLM_CACHE_DIR") or Path.home() / ".cache" / "rlm-pipelines")
 
 
 def load_text(source: Optional[str] = None, timeout_s: float = 60.0) -> str:

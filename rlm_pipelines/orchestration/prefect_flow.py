@@ -1,4 +1,4 @@
-"""The pipeline as a Prefect flow: the only module that imports prefect (lazily: it costs ~2 s).
+"""The pipeline as a Prefect flow (imported only when a run uses Prefect: importing prefect costs ~2 s).
 
 Each step is a task run, so the Prefect UI shows where a run is and what failed; the engine step is retried
 on transient infrastructure errors only. Artifacts: a summary table and the links to the run's outputs.
@@ -13,18 +13,18 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from rlm_pipelines import flows
+from rlm_pipelines import pipeline
 
 
 def _transient(task_: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - the state holds the step's exception
-        return flows.is_transient_infra(exc)
+        return pipeline.is_transient_infra(exc)
     return False
 
 
-def _as_task(retries: int, delay: float) -> flows.Step:
+def _as_task(retries: int, delay: float) -> pipeline.Step:
     """Each step a task run; only the engine step is retried, and only on transient infrastructure errors."""
 
     def as_step(name: str, function: Any) -> Any:
@@ -65,9 +65,9 @@ def _agent_task_runs(retries: int, delay: float) -> Any:
 @flow(name="rlm-run", flow_run_name="{config[task][name]}-{config[model][name]}", log_prints=True)
 def rlm_run(config: dict[str, Any], run_dir: Optional[str] = None) -> dict[str, Any]:
     """One run. `run_dir` is given by the CLI (Hydra's folder); scheduled runs get a fresh one."""
-    run_dir = run_dir or flows.default_run_dir(config)
+    run_dir = run_dir or pipeline.default_run_dir(config)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    run = flows.open_run(config, run_dir)
+    run = pipeline.open_run(config, run_dir)
     retries, delay = run.cfg.orchestration.retries, run.cfg.orchestration.retry_delay_s
     run.wrap_agent = _agent_task_runs(retries, delay)
-    return flows.execute(run, _as_task(retries, delay), on_finish=_artifacts)
+    return pipeline.execute(run, _as_task(retries, delay), on_finish=_artifacts)

@@ -14,7 +14,7 @@ import webbrowser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from rlm_pipelines.report.bundle import write_bundle
+from rlm_pipelines.viewer.bundle import write_bundle
 
 
 def runs(root: Path) -> list[dict]:

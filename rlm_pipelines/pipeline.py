@@ -1,8 +1,8 @@
 """The pipeline: prepare inputs -> run the engine -> write outputs -> downstream steps -> summary.
 
-The steps are plain functions (tested without any engine); `run_pipeline` chains them either as a Prefect
-flow (`orchestration.prefect: true`: each step a task run, history in the Prefect UI, the engine step
-retried on transient infrastructure errors only) or in-process. Config crosses into Prefect as plain data.
+The steps are plain functions over one `Run`; `execute` chains them through an `as_step` wrapper that the
+orchestration supplies (`rlm_pipelines.orchestration`: in-process, or each step a Prefect task run). This
+module never imports the orchestration: it is what gets orchestrated.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from rlm_pipelines.budget import Budget, BudgetExceeded
 from rlm_pipelines.config import RunConfig
 from rlm_pipelines.models import UsageLedger
+from rlm_pipelines.paths import run_folder
 from rlm_pipelines.progress import ConsoleProgress
 from rlm_pipelines.tasks import Task, discover, resolve
 from rlm_pipelines.tree import RunTree
@@ -46,11 +47,9 @@ class Run:
 
 
 def default_run_dir(config: dict[str, Any]) -> str:
-    """outputs/runs/<task>/<date>/<time>_<model>, as Hydra names a run folder, for runs Hydra does not launch
-    (scheduled ones)."""
-    now = time.strftime("%Y-%m-%d/%H-%M-%S")
+    """The folder of a run Hydra does not launch (a scheduled one), named as Hydra names the others."""
     base = Path(config.get("orchestration", {}).get("outputs_dir", "outputs")).expanduser().resolve()
-    return str(base / "runs" / config["task"]["name"] / f"{now}_{config['model']['name']}")
+    return str(base / run_folder(config["task"]["name"], config["model"]["name"]))
 
 
 def _typed(config: dict[str, Any]) -> RunConfig:
@@ -149,7 +148,7 @@ def summarize(run: Run) -> dict[str, Any]:
 
 def finish(run: Run, status: str, error: Optional[str] = None) -> dict[str, Any]:
     """Close the run tree, write summary.json and the viewer bundle (also for failed runs)."""
-    from rlm_pipelines.report.bundle import write_bundle
+    from rlm_pipelines.viewer import write_bundle
 
     usage = run.budget.ledger.snapshot()
     run.tree.set_usage({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
@@ -210,39 +209,3 @@ def execute(run: Run, as_step: Step,
     summary = finish(run, "ok")
     on_finish(summary)
     return summary
-
-
-def _in_process(name: str, function: Callable[[Run], Any]) -> Callable[[Run], Any]:
-    if name != "run engine":
-        return function
-
-    def with_retries(run: Run) -> Any:  # what the Prefect flow gets from task retries
-        attempts = run.cfg.orchestration.retries + 1
-        for attempt in range(attempts):
-            try:
-                return function(run)
-            except Exception as exc:
-                if attempt + 1 >= attempts or not is_transient_infra(exc):
-                    raise
-                run.progress.line(f"transient failure ({exc}); retrying the engine step")
-                time.sleep(run.cfg.orchestration.retry_delay_s)
-
-    return with_retries
-
-
-def run_steps(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """All steps in-process, without Prefect."""
-    return execute(open_run(config, run_dir), _in_process)
-
-
-def run_prefect(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    from rlm_pipelines.prefect_flow import rlm_run
-
-    return rlm_run(config=config, run_dir=run_dir)
-
-
-def run_pipeline(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    os.makedirs(run_dir, exist_ok=True)
-    if config.get("orchestration", {}).get("prefect", True):
-        return run_prefect(config, run_dir)
-    return run_steps(config, run_dir)

@@ -4,7 +4,8 @@ import json
 
 from omegaconf import OmegaConf
 
-from rlm_pipelines.flows import is_transient_infra, run_steps
+from rlm_pipelines.orchestration.inprocess import run_steps
+from rlm_pipelines.pipeline import is_transient_infra
 from rlm_pipelines.models import ModelError
 from rlm_pipelines.sandbox import SandboxStartError
 from tests.test_config import composed

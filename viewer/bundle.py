@@ -1,5 +1,5 @@
-"""The viewer bundle: the static app (top-level `viewer/`) copied into a run folder with the run's data
-beside it as a script, so `viewer/index.html` opens straight from disk (file://), no server needed."""
+"""The viewer bundle: the static app beside this file copied into a run folder with the run's data beside it
+as a script, so `viewer/index.html` opens straight from disk (file://), no server needed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-APP = Path(__file__).resolve().parent.parent.parent / "viewer"
+APP = Path(__file__).resolve().parent
 APP_FILES = ("index.html", "app.js", "style.css")
 
 

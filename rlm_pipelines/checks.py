@@ -1,0 +1,32 @@
+"""Input checks that run before anything starts: the CLI and `serve` both call `check_run`, so whatever can
+be wrong with a composed config (an unknown task, a missing input file, a missing key, an impossible sandbox
+setting) fails at once with a message that says what to do, and exit code 2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UsageError(Exception):
+    """Bad input: printed without a traceback, exit code 2."""
+
+
+def check_run(cfg: Any, offline_hint: str = "or choose model=scripted to run offline") -> None:
+    """Raise UsageError for a composed run config that cannot work. `offline_hint` is how this command says
+    'use the scripted model' (serve's override differs)."""
+    from omegaconf import OmegaConf
+
+    from rlm_pipelines.models import MissingKeyError, check_key
+    from rlm_pipelines.sandbox import check_sandbox
+    from rlm_pipelines.tasks import resolve
+
+    try:
+        task, params = resolve(cfg)
+        task.check(params)
+        check_sandbox(OmegaConf.to_object(cfg.sandbox))
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        check_key(OmegaConf.to_object(cfg.model))
+    except MissingKeyError as exc:
+        raise UsageError(f"{exc}, {offline_hint}") from None
