@@ -161,10 +161,20 @@ class OrchestrationConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which engine runs the task (`conf/engine/<name>.yaml`): `_target_` is the Engine class, built with
+    this config. Engines with options of their own extend it."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
 class RunConfig:
     """The composed configuration of one run (`conf/config.yaml`)."""
 
     task: Any = MISSING  # validated against the task plugin's own schema (see rlm_pipelines/tasks.py)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

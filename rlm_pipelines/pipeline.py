@@ -8,8 +8,6 @@ module never imports the orchestration: it is what gets orchestrated.
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,7 +16,9 @@ from omegaconf import OmegaConf
 
 from rlm_pipelines.budget import Budget, BudgetExceeded
 from rlm_pipelines.config import RunConfig
+from rlm_pipelines.engines.base import Engine, engine_class
 from rlm_pipelines.models import UsageLedger
+from rlm_pipelines.models.scripted import serve_task_script
 from rlm_pipelines.paths import run_folder
 from rlm_pipelines.progress import ConsoleProgress
 from rlm_pipelines.tasks import Task, discover, resolve
@@ -38,6 +38,7 @@ class Run:
     tree: RunTree
     budget: Budget
     progress: ConsoleProgress
+    engine: Engine
     inputs: dict[str, Any] = field(default_factory=dict)
     result: Optional[dict[str, Any]] = None
     files: list[str] = field(default_factory=list)
@@ -61,44 +62,27 @@ def open_run(config: dict[str, Any], run_dir: str) -> Run:
     task, params = resolve(OmegaConf.create(config), discover())
     progress = ConsoleProgress(cfg.orchestration.progress)
     ledger = UsageLedger(listener=lambda record: progress.advance() if record.role == "sub" else None)
+    engine = engine_class(cfg.engine)(cfg.engine)
     tree = RunTree(Path(run_dir) / "run.json", {
-        "task": task.name, "engine": task.engine, "model": cfg.model.model, "model_name": cfg.model.name,
+        "task": task.name, "engine": engine.name, "model": cfg.model.model, "model_name": cfg.model.name,
         "sandbox": asdict(cfg.sandbox), "limits": asdict(cfg.limits), "config": config})
     tree.save()
     cfg.sandbox.labels = {**cfg.sandbox.labels, "rlm-run": tree.run["id"], "rlm-task": task.name}
-    return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress)
+    return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress, engine)
 
 
 # --------------------------------------------------------------------------- steps
 
 
 def prepare_inputs(run: Run) -> dict[str, Any]:
-    started = time.perf_counter()
-    if run.task.engine == "repo":  # the repo itself is the input: agents check it out themselves
-        return {"repo": run.params.repo}
-    run.inputs = run.task.build_inputs(run.params)
-    sizes = {k: (len(v) if isinstance(v, (list, str)) else 1) for k, v in run.inputs.items()}
-    run.progress.line(f"inputs ready in {time.perf_counter() - started:.1f} s: {sizes}")
-    return sizes
+    return run.engine.prepare(run)
 
 
 def run_engine(run: Run) -> dict[str, Any]:
-    if run.task.engine == "document":
-        from rlm_pipelines.engines.document import run_document
-
-        result = run_document(run.task, run.params, run.inputs, run.cfg, run.tree, run.budget, run.progress)
-    elif run.task.engine == "repo":
-        from rlm_pipelines.engines.checkout import patch_applies
-        from rlm_pipelines.engines.repo import run_repo
-
-        result, run.patch, mirror, commit = run_repo(run.task, run.params, run.cfg, run.tree, run.budget,
-                                                     run.progress, run.wrap_agent)
-        if run.patch:
-            run.patch_ok, message = patch_applies(mirror, commit, run.patch)
-            run.tree.run["patch"] = {"bytes": len(run.patch), "applies": run.patch_ok, "check": message}
-    else:
-        raise ValueError(f"task {run.task.name!r} names an unknown engine {run.task.engine!r}")
-    run.result = run.task.normalize(result, run.params)
+    serve_task_script(run.cfg.model.model, run.task.name, lambda: run.task.script(run.params))
+    result = run.engine.run(run)
+    run.patch, run.patch_ok = result.patch, result.patch_applies
+    run.result = run.task.normalize(result.outputs, run.params)
     return run.result
 
 
@@ -110,10 +94,6 @@ def write_outputs(run: Run) -> list[str]:
         name = "patch.diff" if run.patch_ok else "patch.rejected.diff"
         (run.run_dir / name).write_bytes(run.patch)
         files.append(name)
-        out = getattr(run.params, "patch_out", None)
-        if out and run.patch_ok:
-            Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            Path(out).expanduser().write_bytes(run.patch)
     run.files.extend(files)
     return files
 

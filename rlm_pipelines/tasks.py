@@ -1,17 +1,20 @@
 """Task plugins: what a run works on.
 
-A task names its engine, builds the engine's inputs from its config, carries its signature and
-instructions, a scripted policy for `model=scripted`, optional downstream steps (plots) and an optional
-score. Built-in tasks live in `tasks/<name>/` (installed as `rlm_tasks.<name>`); any installed package adds
-tasks through the entry-point group `rlm_pipelines.tasks`, each entry pointing at a `Task` instance.
+A task carries its parameters (a dataclass: the schema of `task.*`), the engine it runs on by default, a
+scripted policy for `model=scripted`, optional downstream steps (plots) and an optional score. What the
+engine needs of it is in the engine's own task type: `DocumentTask` (inputs, a dspy signature and
+instructions) or `RepoTask` (the root agent's prompt, the result parsed from its answer). Built-in tasks
+live in `tasks/<name>/` (installed as `rlm_tasks.<name>`); any installed package adds tasks through the
+entry-point group `rlm_pipelines.tasks`, each entry pointing at a `Task` instance.
 
 Lifecycle of a task in a run:
     1. discovered (`discover()`), its `params` schema stored in Hydra's ConfigStore as `task_schema_<name>`,
-       which `conf/task/<name>.yaml` extends (a third-party task without a yaml there: as `task/<name>`
-       itself, so `task=<name>` works)
+       which `conf/task/<name>.yaml` extends (a third-party task without a yaml there gets `task/<name>`
+       made for it, so `task=<name>` works and picks its engine)
     2. `check(params)`: fail fast on bad input (a missing file), before any sandbox starts
-    3. `build_inputs(params)`: the engine's inputs (e.g. the 117 chapters)
-    4. the engine runs; `downstream(result, inputs, params, run_dir)` writes plots; `score(...)` grades
+    3. the engine prepares the inputs and runs; `normalize` cleans its outputs for result.json
+    4. `downstream(result, inputs, params, run_dir)` writes plots; `score(...)` grades; `summary(...)` adds
+       task-specific entries to summary.json
 """
 
 from __future__ import annotations
@@ -27,28 +30,22 @@ from omegaconf import DictConfig, OmegaConf
 GROUP = "rlm_pipelines.tasks"
 
 
+@dataclasses.dataclass
+class TaskParams:
+    """What every task's parameters have; tasks extend it with their own."""
+
+    name: str = ""  # the task's name (set by its yaml)
+
+
 class Task:
-    """Base class of task plugins; override what the task needs."""
+    """Base class of task plugins; subclass `DocumentTask` or `RepoTask` and override what the task needs."""
 
     name: str = ""
-    engine: str = "document"  # "document" (dspy.RLM) or "repo" (recursive agents)
-    params: type = object  # a dataclass: the schema of `task.*` in the config
-    signature: str = ""  # document engine: the dspy signature, e.g. "documents: list[str] -> answer: str"
-    instructions: str = ""  # document engine: instructions for the signature (kept in a prompt file)
+    engine: str = ""  # the engine it runs on unless `engine=...` says otherwise (conf/engine/<engine>.yaml)
+    params: type = TaskParams  # a dataclass extending TaskParams: the schema of `task.*` in the config
 
     def check(self, params: Any) -> None:
         """Raise ValueError/FileNotFoundError with a message that says what to do."""
-
-    def build_inputs(self, params: Any) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def prompt(self, params: Any) -> str:
-        """Repo engine: the root agent's task."""
-        raise NotImplementedError
-
-    def parse_result(self, text: str, params: Any) -> dict[str, Any]:
-        """Repo engine: the root agent's FINAL answer as the run's result."""
-        return {"answer": text}
 
     def script(self, params: Any) -> Any:
         """The scripted policy (a `rlm_pipelines.models.scripted.Script`) for `model=scripted`."""
@@ -73,6 +70,18 @@ class Task:
         return {}
 
 
+class DocumentTask(Task):
+    """A task over inputs the host builds (documents, chapters) and a dspy signature: the document engine
+    hands the inputs to dspy.RLM and returns the signature's outputs."""
+
+    engine = "document"
+    signature: str = ""  # e.g. "documents: list[str] -> answer: str"
+    instructions: str = ""  # for the signature (kept in a prompt file)
+
+    def build_inputs(self, params: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
 def discover() -> dict[str, Task]:
     """Every installed task, by name."""
     tasks: dict[str, Task] = {}
@@ -85,16 +94,20 @@ def discover() -> dict[str, Task]:
 
 
 def register_task_schemas(tasks: dict[str, Task], builtin_conf: Path) -> None:
+    """Each task's schema as `task_schema_<name>` (which its yaml extends; kept out of --help), and for a
+    task without a yaml in `builtin_conf/task/`, a `task/<name>` option made as that yaml would be."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for name, task in tasks.items():
         if not dataclasses.is_dataclass(task.params):
             continue
-        if (builtin_conf / "task" / f"{name}.yaml").is_file():  # the yaml extends it (kept out of --help)
-            store.store(name=f"task_schema_{name}", node=task.params)
-        else:
-            store.store(group="task", name=name, node=task.params)
+        store.store(name=f"task_schema_{name}", node=task.params)
+        if not (builtin_conf / "task" / f"{name}.yaml").is_file():
+            defaults: list[Any] = [f"/task_schema_{name}@_here_"]
+            if task.engine:
+                defaults.append({"override /engine@_global_.engine": task.engine})
+            store.store(group="task", name=name, node={"defaults": [*defaults, "_self_"], "name": name})
 
 
 def resolve(cfg: DictConfig, tasks: Optional[dict[str, Task]] = None) -> tuple[Task, Any]:
@@ -110,11 +123,9 @@ def resolve(cfg: DictConfig, tasks: Optional[dict[str, Task]] = None) -> tuple[T
 
 
 @dataclasses.dataclass
-class RepoParams:
+class RepoParams(TaskParams):
     """What every repo-engine task takes; tasks extend it."""
 
-    name: str = ""
-    engine: str = "repo"
     repo: str = ""  # a git URL or the path of a local git repository
     branch: Optional[str] = None  # null = the default branch
     commit: Optional[str] = None  # null = the branch's head; else every agent checks out this commit
@@ -123,10 +134,11 @@ class RepoParams:
 
 
 class RepoTask(Task):
-    """Base of repo-engine tasks: the root agent gets `params.prompt`; its FINAL answer, when it is JSON
-    for a dict, is the result."""
+    """A task for recursive agents on a git checkout: the root agent gets `prompt(params)`; its FINAL answer,
+    parsed by `parse_result` (JSON for a dict, else a report), is the result."""
 
     engine = "repo"
+    params: type = RepoParams
 
     def check(self, params: RepoParams) -> None:
         if not params.repo:

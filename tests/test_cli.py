@@ -125,12 +125,25 @@ def test_a_third_party_task_plugin_runs(plugin_path, tmp_path):
      "matches no file"),
     (["task=nope"], {}, "Could not find 'task/nope'"),
     (["model=scripted", "limits.max_iterations=many"], {}, "could not be converted to Integer"),
+    (["task=repo_todos", "task.repo=.", "engine=document", "model=scripted"], {},
+     "engine=document runs DocumentTasks and task=repo_todos is not one"),
 ])
 def test_bad_input_fails_before_any_sandbox_with_a_clear_message(args, env, message, tmp_path):
     done = cli(args, tmp_path, env, timeout=120)
     assert done.returncode != 0
     assert message in done.stderr
     assert not list(tmp_path.glob("outputs/runs/*/*/*/run.json"))
+
+
+def test_the_sandbox_command_has_help_and_a_cleanup_specific_key_message(tmp_path):
+    helped = subprocess.run([sys.executable, "-m", "rlm_pipelines.sandbox", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "cleanup" in helped.stdout
+    env = {k: v for k, v in os.environ.items() if k != "DAYTONA_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "rlm_pipelines.sandbox", "cleanup", "--dry-run"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "cleanup lists and deletes sandboxes through the Daytona API" in done.stderr
+    assert "sandbox=local" not in done.stderr
 
 
 def test_budget_exhaustion_is_recorded(tmp_path):

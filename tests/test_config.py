@@ -4,16 +4,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlm_pipelines.paths import conf_dir
-
-CONF = conf_dir()
 from rlm_pipelines.config import ModelSpec, RunConfig, register_configs
+from rlm_pipelines.engines.base import engine_class
+from rlm_pipelines.paths import conf_dir
 from rlm_pipelines.tasks import discover, register_task_schemas, resolve
 
+CONF = conf_dir()
 register_configs()
 TASKS = discover()
 register_task_schemas(TASKS, CONF)
-GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("task", "model", "sandbox", "limits")}
+GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("engine", "task", "model", "sandbox",
+                                                                                    "limits")}
 
 
 def composed(*overrides):
@@ -30,6 +31,15 @@ def test_every_option_composes_and_validates(group, option):
     assert task.name == cfg.task.name
     if group == "model":
         assert typed.model.name == option and typed.model.model
+    if group == "engine":
+        assert engine_class(typed.engine).name == option
+
+
+@pytest.mark.parametrize("task", sorted(GROUPS["task"]))
+def test_each_task_runs_on_the_engine_its_yaml_names_unless_overridden(task):
+    engine = engine_class(composed(f"task={task}").engine)
+    assert isinstance(TASKS[task], engine.task_type)
+    assert composed(f"task={task}", "engine=repo").engine.name == "repo"  # the command line wins
 
 
 def test_groups_have_what_the_docs_promise():

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PROJECT
 from tests.fixtures.todo_repo import build, git
 from tests.test_cli import api
@@ -45,6 +47,25 @@ def api_get(url, path):
 def latest_summary(outputs: Path) -> dict:
     newest = max(outputs.glob("runs/repo_audit/*/*/summary.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(newest.read_text())
+
+
+def test_serve_takes_a_users_schedule_folder_and_names_its_own_override(tmp_path, monkeypatch):
+    from rlm_pipelines.checks import UsageError
+    from rlm_pipelines.orchestration.serve import deployments_config
+
+    repo = build(tmp_path / "src")
+    (tmp_path / "mine" / "schedule").mkdir(parents=True)
+    (tmp_path / "mine" / "schedule" / "weekly.yaml").write_text(
+        f"cron: '0 4 * * 1'\ntimezone: UTC\nmodel_name: gemini_flash\n"
+        f"repos: [{{name: toy, repo: {repo['path']}, branch: main, task: repo_audit, overrides: []}}]\n")
+    monkeypatch.chdir(tmp_path)
+    schedule, plans = deployments_config(["--config-dir", "mine", "schedule=weekly", "schedule.model_name=scripted"])
+    assert schedule.cron == "0 4 * * 1"
+    assert [name for name, _ in plans] == ["repo_audit-toy"]
+    assert plans[0][1]["orchestration"]["outputs_dir"] == str(tmp_path / "outputs")
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    with pytest.raises(UsageError, match="or choose schedule.model_name=scripted to run offline"):
+        deployments_config(["--config-dir", "mine", "schedule=weekly"])
 
 
 def test_nightly_audits_are_served_and_compare_with_the_last_one(prefect_server, tmp_path):

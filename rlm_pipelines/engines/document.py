@@ -1,4 +1,4 @@
-"""The document engine: `dspy.RLM` over our sandbox interpreter.
+"""The document engine (`DocumentEngine`): `dspy.RLM` over our sandbox interpreter.
 
 `SandboxRLM` is dspy's RLM with what a real run needs:
 - `llm_query_batched` fans out with `batch_concurrency` workers (dspy fixes 8, which makes a 64-prompt
@@ -19,7 +19,9 @@ from dspy.utils.exceptions import AdapterParseError
 
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
+from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.engines.interpreter import SandboxInterpreterFactory
+from rlm_pipelines.tasks import DocumentTask
 
 
 class Observer(Protocol):
@@ -137,32 +139,45 @@ class TreeObserver:
         return self.progress.fan_out(f"llm_query_batched x {total}", total)
 
 
-def run_document(task: Any, params: Any, inputs: dict[str, Any], cfg: Any, tree: Any, budget: Any,
-                 progress: Any) -> dict[str, Any]:
-    """Run a document task with dspy.RLM in the sandbox; returns the signature's outputs."""
-    from rlm_pipelines.models import build_dspy_lm, sub_spec
-    from rlm_pipelines.models.scripted import register_script
+class DocumentEngine:
+    """Document tasks with dspy.RLM in one sandbox: the host builds the inputs, they cross into the sandbox
+    once, and the signature's outputs are the result (`conf/engine/document.yaml`)."""
 
-    spec, limits = cfg.model, cfg.limits
-    if spec.model == f"scripted/{task.name}":  # model=scripted replays the task's own policy
-        register_script(task.name, task.script(params))
-    ledger = budget.ledger
-    root_lm = build_dspy_lm(spec, ledger, role="root")
-    sub_lm = build_dspy_lm(sub_spec(spec), ledger, role="sub")
-    signature = dspy.Signature(task.signature, task.instructions)
-    agent = tree.add_node("agent", task.instructions or task.signature)
+    name = "document"
+    task_type = DocumentTask
 
-    def started(sandbox_id: str) -> None:
-        tree.update_node(agent, sandbox_id=sandbox_id)
-        tree.count("sandboxes")
+    def __init__(self, config: Any = None):
+        self.config = config
 
-    rlm = SandboxRLM(signature, interpreter_factory=SandboxInterpreterFactory(cfg.sandbox, on_start=started),
-                     batch_concurrency=limits.concurrency, max_iters=limits.max_iterations,
-                     max_llm_calls=limits.max_llm_calls, max_output_chars=limits.max_output_chars, sub_lm=sub_lm)
-    rlm.observer = TreeObserver(tree, agent, budget, progress, root_lm, limits.max_iterations)
-    with dspy.context(lm=root_lm):
-        prediction = rlm(**inputs)
-    return {name: getattr(prediction, name) for name in signature.output_fields}
+    def prepare(self, run: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        run.inputs = run.task.build_inputs(run.params)
+        sizes = {k: (len(v) if isinstance(v, (list, str)) else 1) for k, v in run.inputs.items()}
+        run.progress.line(f"inputs ready in {time.perf_counter() - started:.1f} s: {sizes}")
+        return sizes
+
+    def run(self, run: Any) -> EngineResult:
+        from rlm_pipelines.models import build_dspy_lm, sub_spec
+
+        task, cfg, tree, budget = run.task, run.cfg, run.tree, run.budget
+        spec, limits = cfg.model, cfg.limits
+        root_lm = build_dspy_lm(spec, budget.ledger, role="root")
+        sub_lm = build_dspy_lm(sub_spec(spec), budget.ledger, role="sub")
+        signature = dspy.Signature(task.signature, task.instructions)
+        agent = tree.add_node("agent", task.instructions or task.signature)
+
+        def started(sandbox_id: str) -> None:
+            tree.update_node(agent, sandbox_id=sandbox_id)
+            tree.count("sandboxes")
+
+        rlm = SandboxRLM(signature, interpreter_factory=SandboxInterpreterFactory(cfg.sandbox, on_start=started),
+                         batch_concurrency=limits.concurrency, max_iters=limits.max_iterations,
+                         max_llm_calls=limits.max_llm_calls, max_output_chars=limits.max_output_chars,
+                         sub_lm=sub_lm)
+        rlm.observer = TreeObserver(tree, agent, budget, run.progress, root_lm, limits.max_iterations)
+        with dspy.context(lm=root_lm):
+            prediction = rlm(**run.inputs)
+        return EngineResult({name: getattr(prediction, name) for name in signature.output_fields})
 
 
 def _render(messages: Any) -> Optional[str]:

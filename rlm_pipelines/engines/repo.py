@@ -1,4 +1,5 @@
-"""The repo engine: recursive agents on a git checkout, each in its own sandbox with its own fresh checkout.
+"""The repo engine (`RepoEngine`): recursive agents on a git checkout, each in its own sandbox with its own
+fresh checkout.
 
 An agent iterates: prompt (system prompt by depth, its task, a bounded history of code and output) ->
 model -> code blocks -> REPL -> record, until FINAL / FINAL_VAR. `rlm_query` / `rlm_query_batched` in its
@@ -25,8 +26,10 @@ from typing import Any, Callable, Optional
 
 from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines import checkout, prompts
+from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.models import LLMClient, ModelError
 from rlm_pipelines.sandbox import SandboxStartError, can_fork, make_sandbox
+from rlm_pipelines.tasks import RepoTask
 
 CODE_BLOCK = re.compile(r"```(?:python|py|repl)[ \t]*\n(.*?)```", re.DOTALL)
 HELPERS = (Path(__file__).parent / "sandbox_helpers.py").read_text(encoding="utf-8")
@@ -365,28 +368,44 @@ def _clip_middle(text: str, limit: int) -> str:
     return f"{text[:half]}{cut}{text[-half:]}"
 
 
-def run_repo(task: Any, params: Any, cfg: Any, tree: Any, budget: Any, progress: Any,
-             wrap_agent: Optional[Callable] = None) -> tuple[dict[str, Any], bytes, Path, str]:
-    """Run a repo task; returns (result, patch, mirror, commit)."""
-    from rlm_pipelines.models.scripted import register_script
+class RepoEngine:
+    """Repo tasks: recursive agents on a checkout of the task's repo at one commit; the root's changes are
+    the patch, checked on a fresh checkout (`conf/engine/repo.yaml`)."""
 
-    if cfg.model.model == f"scripted/{task.name}":  # model=scripted replays the task's own policy
-        register_script(task.name, task.script(params))
-    mirror, commit = checkout.prepare_mirror(params.repo, params.branch, params.commit)
-    tree.run.update(repo=params.repo, branch=params.branch, commit=commit)
-    run = RepoRun(cfg, tree, budget, progress, mirror, commit, checkout.clone_url(params.repo))
-    if wrap_agent is not None:
-        run.wrap_agent = wrap_agent
-    try:
-        root = run.spawn(task.prompt(params), None, 0)
-    except BaseException as exc:
-        run.halt(exc if isinstance(exc, BudgetExceeded) else None)
-        run.wait_idle(timeout=30)  # children stop and free their sandboxes before the run reports
-        raise
-    finally:
-        run.cleanup()
-    if run.stop_reason is not None:
-        raise run.stop_reason
-    if root.status != "ok":
-        raise RuntimeError(f"the root agent ended without an answer: {root.text}")
-    return task.parse_result(root.text, params), root.patch, mirror, commit
+    name = "repo"
+    task_type = RepoTask
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def prepare(self, run: Any) -> dict[str, Any]:
+        return {"repo": run.params.repo}  # the repo itself is the input: agents check it out themselves
+
+    def run(self, run: Any) -> EngineResult:
+        task, params, tree = run.task, run.params, run.tree
+        mirror, commit = checkout.prepare_mirror(params.repo, params.branch, params.commit)
+        tree.run.update(repo=params.repo, branch=params.branch, commit=commit)
+        repo_run = RepoRun(run.cfg, tree, run.budget, run.progress, mirror, commit, checkout.clone_url(params.repo))
+        if run.wrap_agent is not None:
+            repo_run.wrap_agent = run.wrap_agent
+        try:
+            root = repo_run.spawn(task.prompt(params), None, 0)
+        except BaseException as exc:
+            repo_run.halt(exc if isinstance(exc, BudgetExceeded) else None)
+            repo_run.wait_idle(timeout=30)  # children stop and free their sandboxes before the run reports
+            raise
+        finally:
+            repo_run.cleanup()
+        if repo_run.stop_reason is not None:
+            raise repo_run.stop_reason
+        if root.status != "ok":
+            raise RuntimeError(f"the root agent ended without an answer: {root.text}")
+        result = EngineResult(task.parse_result(root.text, params), root.patch)
+        if root.patch:
+            result.patch_applies, message = checkout.patch_applies(mirror, commit, root.patch)
+            tree.run["patch"] = {"bytes": len(root.patch), "applies": result.patch_applies, "check": message}
+            if params.patch_out and result.patch_applies:
+                out = Path(params.patch_out).expanduser()
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(root.patch)
+        return result

@@ -96,6 +96,13 @@ def register_script(name: str, script: Script) -> None:
     _scripts[name] = script
 
 
+def serve_task_script(model: str, task: str, make_script: Callable[[], Script]) -> None:
+    """Before a run: when its model is `scripted/<task>` (what `model=scripted` composes to), serve the
+    task's own policy under that name. Whatever the engine, this is the one place a script is registered."""
+    if model == f"scripted/{task}":
+        register_script(task, make_script())
+
+
 def reply(model: str, messages: list[dict[str, Any]]) -> str:
     """The scripted model's reply text to a chat."""
     name = model.split("/", 1)[1] if "/" in model else model

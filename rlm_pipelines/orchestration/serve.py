@@ -27,18 +27,23 @@ def deployments_config(argv: list[str]) -> tuple[Any, list[tuple[str, dict[str, 
     from rlm_pipelines.config import register_configs
     from rlm_pipelines.tasks import discover, register_task_schemas
 
-    argv, search = _config_dirs(argv)
+    argv, dirs = _config_dirs(argv)
     names = [a.split("=", 1)[1] for a in argv if a.startswith("schedule=")]
     if len(names) != 1:
         raise UsageError("name one schedule, e.g. schedule=nightly (a file in conf/schedule/ or in a folder "
                          "given with --config-dir)")
-    schedule_overrides = [*search, *(a for a in argv if a.startswith("schedule."))]
+    home = next((d for d in [*dirs, conf_dir()] if (d / "schedule" / f"{names[0]}.yaml").is_file()), None)
+    if home is None:
+        raise UsageError(f"no schedule {names[0]!r}: there is no schedule/{names[0]}.yaml in "
+                         + ", ".join(str(d) for d in [*dirs, conf_dir()]))
+    search = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]"] if dirs else []
     run_overrides = [*search, *(a for a in argv if not a.startswith("schedule"))]
     register_configs()
     register_task_schemas(discover(), conf_dir())
+    with initialize_config_dir(config_dir=str(home), version_base="1.3"):
+        schedule = compose(f"schedule/{names[0]}", overrides=[a for a in argv if a.startswith("schedule.")]).schedule
+    plans = []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        schedule = compose(f"schedule/{names[0]}", overrides=schedule_overrides).schedule
-        plans = []
         for repo in schedule.repos:
             where = str(Path(repo.repo).resolve()) if Path(repo.repo).exists() else repo.repo
             overrides = [f"task={repo.task}", f"task.repo={where}", f"task.branch={repo.branch}",
@@ -50,9 +55,9 @@ def deployments_config(argv: list[str]) -> tuple[Any, list[tuple[str, dict[str, 
     return schedule, plans
 
 
-def _config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
-    """`--config-dir DIR` / `-cd DIR` (as the run command takes them): the user's config folders, as a
-    `hydra.searchpath` override; returns (the other arguments, that override or nothing)."""
+def _config_dirs(argv: list[str]) -> tuple[list[str], list[Path]]:
+    """`--config-dir DIR` / `-cd DIR` (as the run command takes them): the user's config folders, which come
+    before the built-in ones; returns (the other arguments, the folders)."""
     rest, dirs, args = [], [], iter(argv)
     for arg in args:
         if arg in ("--config-dir", "-cd"):
@@ -67,8 +72,7 @@ def _config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
     for folder in dirs:
         if not Path(folder).is_dir():
             raise UsageError(f"--config-dir {folder}: no such folder")
-    uris = ",".join(f"file://{Path(folder).resolve()}" for folder in dirs)
-    return rest, ([f"hydra.searchpath=[{uris}]"] if dirs else [])
+    return rest, [Path(folder).resolve() for folder in dirs]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -129,13 +129,15 @@ class LocalSandbox:
         else:  # root host: drop to the sandbox's own uid (see the module docstring)
             argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         argv += _system_mounts(cfg.network)
+        # The sandbox's own /workspace and /tmp first: the Python install is bound after them, so an
+        # interpreter that lives under /tmp (a CI venv) stays visible instead of hidden by the private /tmp.
+        argv += ["--bind", str(root / "workspace"), WORKDIR, "--bind", str(root / "tmp"), "/tmp"]
         for prefix in sorted({sys.base_prefix, sys.prefix, str(Path(self._python()).resolve().parent.parent)}):
             argv += ["--ro-bind", prefix, prefix]
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
-                 "--bind", str(root / "workspace"), WORKDIR, "--bind", str(root / "tmp"), "/tmp",
                  "--proc", "/proc", "--dev", "/dev", "--chdir", os.path.normpath(os.path.join(WORKDIR, cwd or "."))]
         for host, inside in self.mounts.items():
             argv += ["--ro-bind", host, inside]

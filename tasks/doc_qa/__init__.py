@@ -9,16 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from rlm_pipelines.models.scripted import Turn, TurnScript
-from rlm_pipelines.tasks import Task
+from rlm_pipelines.tasks import DocumentTask, TaskParams
 
 PROMPTS = Path(__file__).parent / "prompts"
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".yaml", ".yml", ".toml", ".tex", ""}
 
 
 @dataclass
-class DocQAParams:
-    name: str = "doc_qa"
-    engine: str = "document"
+class DocQAParams(TaskParams):
     documents: list[str] = field(default_factory=list)  # files, globs ("notes/*.md") or folders
     question: str = ""
     max_files: int = 2000
@@ -43,9 +41,8 @@ def expand(patterns: list[str], max_files: int) -> list[Path]:
     return files
 
 
-class DocQA(Task):
+class DocQA(DocumentTask):
     name = "doc_qa"
-    engine = "document"
     params = DocQAParams
     signature = "documents: list[str], question: str -> answer: str"
     instructions = (PROMPTS / "instructions.md").read_text(encoding="utf-8").strip()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from rlm_pipelines.tasks import Task
+from rlm_pipelines.tasks import DocumentTask, TaskParams
 from rlm_tasks.monte_cristo import book, plot, script
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -27,9 +27,7 @@ DEFAULT_CHARACTERS = {
 
 
 @dataclass
-class MonteCristoParams:
-    name: str = "monte_cristo"
-    engine: str = "document"
+class MonteCristoParams(TaskParams):
     # A local copy of Gutenberg #1184; empty = download it once into the cache (~/.cache/rlm-pipelines).
     source: Optional[str] = None
     # Canonical name -> the names the book uses for that character.
@@ -38,9 +36,8 @@ class MonteCristoParams:
     smoothing_window: int = 7  # chapters in the plot's moving average
 
 
-class MonteCristo(Task):
+class MonteCristo(DocumentTask):
     name = "monte_cristo"
-    engine = "document"
     params = MonteCristoParams
     signature = "chapters: list[str], task: str -> wealth_data: list[dict]"
     instructions = (PROMPTS / "instructions.md").read_text(encoding="utf-8").strip()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlm_pipelines.models.scripted import Turn, TurnScript
-from rlm_pipelines.tasks import Task
+from rlm_pipelines.tasks import DocumentTask, TaskParams
 
 PROMPTS = Path(__file__).parent / "prompts"
 WORDS = ("cargo manifest tide harbour crane ledger quay vessel berth freight hull rope pallet customs clerk "
@@ -24,9 +24,7 @@ FOUND = re.compile(r"The crate at dock \d+ is labelled (\w+)\.")
 
 
 @dataclass
-class NeedlesParams:
-    name: str = "needles"
-    engine: str = "document"
+class NeedlesParams(TaskParams):
     seed: int = 7
     documents: int = 120  # how many logs
     doc_chars: int = 6000  # characters of filler per log
@@ -49,9 +47,8 @@ def generate(params: NeedlesParams) -> tuple[list[str], dict[str, int]]:
     return [f"# log {i}\n" + " ".join(parts) for i, parts in enumerate(docs)], truth
 
 
-class Needles(Task):
+class Needles(DocumentTask):
     name = "needles"
-    engine = "document"
     params = NeedlesParams
     signature = "documents: list[str], question: str -> counts: dict[str, int]"
     instructions = (PROMPTS / "instructions.md").read_text(encoding="utf-8").strip()

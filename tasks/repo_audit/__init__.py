@@ -25,7 +25,6 @@ CHECKS = [("todo", "low", "TODO|FIXME"), ("bare-except", "medium", "except[[:spa
 
 @dataclass
 class RepoAuditParams(RepoParams):
-    name: str = "repo_audit"
     prompt: str = DEFAULT_PROMPT
 
 

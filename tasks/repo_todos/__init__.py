@@ -19,7 +19,6 @@ DEFAULT_PROMPT = (
 
 @dataclass
 class RepoTodosParams(RepoParams):
-    name: str = "repo_todos"
     prompt: str = DEFAULT_PROMPT
 
 

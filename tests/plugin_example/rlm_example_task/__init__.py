@@ -3,20 +3,17 @@
 from dataclasses import dataclass
 
 from rlm_pipelines.models.scripted import Turn, TurnScript
-from rlm_pipelines.tasks import Task
+from rlm_pipelines.tasks import DocumentTask, RepoParams, RepoTask, TaskParams
 
 
 @dataclass
-class SlowEchoParams:
-    name: str = "slow_echo"
-    engine: str = "document"
+class SlowEchoParams(TaskParams):
     text: str = "hello"
     sleep_s: float = 0.0
 
 
-class SlowEcho(Task):
+class SlowEcho(DocumentTask):
     name = "slow_echo"
-    engine = "document"
     params = SlowEchoParams
     signature = "text: str -> echoed: str"
     instructions = "Echo `text` in capitals."
@@ -33,25 +30,15 @@ task = SlowEcho()
 
 
 @dataclass
-class StuckRepoParams:
-    name: str = "stuck_repo"
-    engine: str = "repo"
-    repo: str = ""
-    branch: str = ""
-    commit: str = ""
+class StuckRepoParams(RepoParams):
     prompt: str = "wait"
-    patch_out: str = ""
 
 
-class StuckRepo(Task):
+class StuckRepo(RepoTask):
     """A repo task whose root spawns two children that sit in a long cell: for Ctrl-C tests."""
 
     name = "stuck_repo"
-    engine = "repo"
     params = StuckRepoParams
-
-    def prompt(self, params):
-        return params.prompt
 
     def script(self, params):
         from rlm_pipelines.models.scripted import DepthScript
