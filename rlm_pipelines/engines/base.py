@@ -13,10 +13,7 @@ Lifecycle of an engine in a run:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from rlm_pipelines.pipeline import Run
+from typing import Any, Optional, Protocol, runtime_checkable
 
 
 @dataclass
@@ -34,11 +31,13 @@ class Engine(Protocol):
     name: str
     task_type: type  # the Task subclass it runs (DocumentTask, RepoTask)
 
-    def prepare(self, run: "Run") -> dict[str, Any]:
+    # `run` is the pipeline's Run (task, params, cfg, tree, budget, progress, inputs); engines read it and
+    # never import the pipeline, which is what drives them.
+    def prepare(self, run: Any) -> dict[str, Any]:
         """Build the task's inputs into `run.inputs`; returns a small description for the step's record."""
         ...
 
-    def run(self, run: "Run") -> EngineResult: ...
+    def run(self, run: Any) -> EngineResult: ...
 
 
 def engine_class(config: Any) -> type:
