@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 
@@ -100,7 +100,3 @@ class UsageLedger:
             "cost_usd": round(sum(r.cost_usd for r in records), 6),
             "by_model": by_model,
         }
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [asdict(r) for r in self.records]
