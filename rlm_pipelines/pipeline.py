@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from rlm_pipelines.budget import Budget, BudgetExceeded
 from rlm_pipelines.config import RunConfig
 from rlm_pipelines.engines.base import Engine, engine_class
-from rlm_pipelines.models import UsageLedger
+from rlm_pipelines.models import Usage, UsageLedger
 from rlm_pipelines.models.scripted import serve_task_script
 from rlm_pipelines.paths import run_folder
 from rlm_pipelines.progress import ConsoleProgress
@@ -107,7 +107,7 @@ def downstream(run: Run) -> list[str]:
 def summarize(run: Run) -> dict[str, Any]:
     """summary.json: the figures a person compares runs by."""
     tree = run.tree.run
-    usage = run.budget.ledger.snapshot()
+    usage = Usage.from_snapshot(run.budget.ledger.snapshot())
     score = None
     if run.result is not None:
         score = run.task.score(run.result, run.inputs, run.params)
@@ -117,9 +117,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "model_name": tree.get("model_name"), "status": tree["status"], "error": tree["error"],
         "iterations": run.tree.iterations, "agents": run.tree.agents, "max_depth": run.tree.max_depth,
         "patch": {"bytes": len(run.patch), "applies": run.patch_ok} if run.patch else None,
-        "llm_calls": usage["calls"], "tokens": usage["tokens"], "prompt_tokens": usage["prompt_tokens"],
-        "completion_tokens": usage["completion_tokens"], "cost_usd": usage["cost_usd"],
-        "wall_time_s": tree["duration_s"], "score": score, "run_dir": str(run.run_dir.resolve()),
+        **usage.as_tree(), "wall_time_s": tree["duration_s"], "score": score, "run_dir": str(run.run_dir.resolve()),
         "files": ["run.json", *run.files, "summary.json"],
     }
     (run.run_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
@@ -130,9 +128,7 @@ def finish(run: Run, status: str, error: Optional[str] = None) -> dict[str, Any]
     """Close the run tree, write summary.json and the viewer bundle (also for failed runs)."""
     from rlm_pipelines.viewer import write_bundle
 
-    usage = run.budget.ledger.snapshot()
-    run.tree.set_usage({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-                        "tokens": usage["tokens"], "cost_usd": usage["cost_usd"], "llm_calls": usage["calls"]})
+    run.tree.set_usage(Usage.from_snapshot(run.budget.ledger.snapshot()).as_tree())
     run.tree.finish(status, result=run.result, error=error)
     run.files.append("viewer/index.html")
     summary = summarize(run)

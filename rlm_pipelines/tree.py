@@ -19,18 +19,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from rlm_pipelines.models.usage import Usage
+from rlm_pipelines.text import clip
+
 SCHEMA = "rlm-pipelines/run@1"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "run.schema.json"
 TEXT_LIMIT = 100_000  # characters of one text field kept in run.json (as much as a cell's output cap)
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "tokens", "cost_usd", "llm_calls")
+USAGE_KEYS = tuple(Usage().as_tree())  # what each node counts (the run adds "sandboxes")
 
 
-def clip(text: Any, limit: int = TEXT_LIMIT) -> Any:
-    """Cut long text head + tail, saying how much was cut."""
-    if not isinstance(text, str) or len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n... [{len(text) - limit} characters cut] ...\n{text[-half:]}"
+def _kept(value: Any) -> Any:
+    """A field as run.json keeps it: text cut to TEXT_LIMIT, anything else as it is."""
+    return clip(value, TEXT_LIMIT) if isinstance(value, str) else value
 
 
 class RunTree:
@@ -44,8 +44,7 @@ class RunTree:
         self.run: dict[str, Any] = {
             "schema": SCHEMA, "id": meta.pop("id", uuid.uuid4().hex[:12]), "status": "running",
             "started_at": _now(), "ended_at": None, "duration_s": 0.0,
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "tokens": 0, "cost_usd": 0.0,
-                      "llm_calls": 0, "sandboxes": 0},
+            "usage": {**Usage().as_tree(), "sandboxes": 0},
             "result": None, "error": None, "root": None, **meta,
         }
 
@@ -56,7 +55,7 @@ class RunTree:
             node_id = f"{kind[0]}{len(self._nodes)}"
             parent = self._nodes.get(parent_id) if parent_id else None
             node = {"id": node_id, "parent_id": parent_id, "depth": parent["depth"] + 1 if parent else 0,
-                    "kind": kind, "task": clip(task), "task_chars": len(task), "sandbox_id": None,
+                    "kind": kind, "task": clip(task, TEXT_LIMIT), "task_chars": len(task), "sandbox_id": None,
                     "status": "running", "started_at": _now(), "ended_at": None, "duration_s": 0.0,
                     "usage": {}, "result": None, "result_truncated": False, "error": None, "iterations": [],
                     "children": [], **fields}
@@ -81,7 +80,7 @@ class RunTree:
             text = result if isinstance(result, str) else None
             fields.setdefault("result_truncated", bool(text is not None and len(text) > TEXT_LIMIT))
             node.update(status=status, ended_at=_now(), error=error, **fields,
-                        result=clip(text) if text is not None else result)
+                        result=_kept(result))
             # usage rolls up the tree: an agent's total is its own calls plus its children's totals
             own = node["usage"].setdefault("own", dict.fromkeys(USAGE_KEYS, 0))
             total = dict(own)
@@ -100,7 +99,7 @@ class RunTree:
         """Record one iteration of an agent and save the tree."""
         with self._lock:
             node = self._nodes[node_id]
-            entry = {"index": len(node["iterations"]), **{k: clip(v) for k, v in data.items()},
+            entry = {"index": len(node["iterations"]), **{k: _kept(v) for k, v in data.items()},
                      "children": self._spawned.pop(node_id, [])}
             node["iterations"].append(entry)
             own = node["usage"].setdefault("own", dict.fromkeys(USAGE_KEYS, 0))

@@ -61,7 +61,7 @@ def test_gateway_errors_are_retried_and_a_cell_never_runs_twice(fake):
             result = session.execute("runs += 1\nruns")
             assert result.ok, result.output()
         assert session.execute("runs").value == "4"  # one run per cell although requests were replayed
-        assert session._conn.transport.retries >= 5 and not fake.preview_faults
+        assert not fake.preview_faults  # all five faults were served, and every cell above still succeeded
 
 
 def test_clone_blocks_the_network_again_and_checks_out_the_commit(fake, tmp_path):

@@ -60,7 +60,7 @@ def test_litellm_path_real_http_usage_cost_and_key(server):
     assert snap["calls"] == 1 and snap["errors"] == 0 and snap["cost_usd"] == pytest.approx(out.cost_usd, abs=1e-6)
     assert snap["tokens"] == out.prompt_tokens + out.completion_tokens
     assert seen == ledger.records and seen[0].ok and seen[0].duration_s > 0
-    assert SECRET not in repr(ledger.as_dicts()) and SECRET not in repr(snap)
+    assert SECRET not in repr(ledger.records) and SECRET not in repr(snap)
 
 
 def test_dspy_lm_path_real_http_records_usage(server):
@@ -74,7 +74,7 @@ def test_dspy_lm_path_real_http_records_usage(server):
     assert record.ok and record.prompt_tokens > 0 and record.role == "root"
     assert record.cost_usd == pytest.approx(priced(record, spec))
     assert lm.last_call()["outputs"] == ["reply to what is up"]
-    assert SECRET not in repr(ledger.as_dicts()) and SECRET not in repr(lm.last_call())
+    assert SECRET not in repr(ledger.records) and SECRET not in repr(lm.last_call())
 
 
 def test_dspy_lm_usage_is_per_call_even_with_history_disabled(server):
@@ -138,7 +138,7 @@ def test_client_errors_fail_fast(server, path, status):
         call(path, spec_for(server, model=f"openai/fake-{status}-{path}", num_retries=3), ledger)
     assert not error.value.transient
     assert len(server.requests) == 1
-    assert SECRET not in str(error.value) and SECRET not in repr(ledger.as_dicts())
+    assert SECRET not in str(error.value) and SECRET not in repr(ledger.records)
 
 
 def test_no_retry_starts_after_the_deadline(server):
@@ -281,3 +281,21 @@ def test_fake_server_streams_server_sent_events(server):
                                 messages=[{"role": "user", "content": "stream me"}])
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "reply to stream me"
     assert server.requests[-1]["body"]["stream"] is True
+
+
+def test_usage_maps_the_ledger_and_a_completion_to_the_run_tree():
+    from rlm_pipelines.models import CallRecord, Completion, Usage
+    from rlm_pipelines.tree import USAGE_KEYS
+
+    ledger = UsageLedger()
+    ledger.add(CallRecord("m", prompt_tokens=10, completion_tokens=5, cost_usd=0.1))
+    before = Usage.from_snapshot(ledger.snapshot())
+    ledger.add(CallRecord("m", prompt_tokens=3, completion_tokens=2, cost_usd=0.2))
+    after = Usage.from_snapshot(ledger.snapshot())
+    assert tuple(after.as_tree()) == USAGE_KEYS
+    assert after.as_tree() == {"prompt_tokens": 13, "completion_tokens": 7, "tokens": 20, "cost_usd": 0.3,
+                               "llm_calls": 2}
+    assert after.minus(before).as_tree() == {"prompt_tokens": 3, "completion_tokens": 2, "tokens": 5,
+                                             "cost_usd": 0.2, "llm_calls": 1}  # 0.3 - 0.1, rounded
+    one = Usage.from_completion(Completion("hi", "m", prompt_tokens=4, completion_tokens=1, cost_usd=0.5, attempts=2))
+    assert one.as_tree() == {"prompt_tokens": 4, "completion_tokens": 1, "tokens": 5, "cost_usd": 0.5, "llm_calls": 1}

@@ -190,7 +190,7 @@ def test_root_patch_usage_rollup_truncation_and_no_code_replies(repo, tmp_path, 
         if "[iteration 1/" in request["messages"][-1]["content"]:
             return "Let me think about this first."  # no code at all
         if "[iteration 2/" in request["messages"][-1]["content"]:
-            return ("```python\nfound = rlm_query('report at length')\nprint(len(found), found[-40:])\n"
+            return ("```python\nfound = rlm_query('report at length')\nprint(repr(found))\n"
                     "open('/workspace/repo/NEW.md', 'w').write('new file')\n"
                     "print(edit_file('alpha/core.py', 'def add(a, b):', 'def add(a, b:'))\n```")
         assert "would not parse" in text  # the refused edit reached the model
@@ -205,7 +205,8 @@ def test_root_patch_usage_rollup_truncation_and_no_code_replies(repo, tmp_path, 
     assert summary["status"] == "ok", tree["error"]
     root = tree["root"]
     assert "no ```python code block" in root["iterations"][1]["prompt"]
-    assert "[... cut: 400 more characters]" in root["iterations"][1]["stdout"]
+    # the parent sees the head and tail of the findings, 100 characters in all, and how much was cut
+    assert "'" + "x" * 50 + "\\n... [400 characters cut] ...\\n" + "x" * 50 + "'" in root["iterations"][1]["stdout"]
     child = root["children"][0]
     assert child["result_truncated"] is True and len(child["result"]) == 500
     assert "SyntaxError" in root["iterations"][1]["error"]

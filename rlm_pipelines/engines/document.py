@@ -22,6 +22,8 @@ from rlm_pipelines.engines import prompts
 from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.engines.interpreter import SandboxInterpreterFactory
 from rlm_pipelines.tasks import DocumentTask
+from rlm_pipelines.models import Usage
+from rlm_pipelines.text import clip
 
 
 class Observer(Protocol):
@@ -80,16 +82,12 @@ class SandboxRLM(dspy.RLM):
         try:
             result = super()._execute_iteration(repl, variables, history, iteration, *args, **kwargs)
         except AdapterParseError as exc:
-            detail = f"the reply was: {_clip(exc.lm_response or '')!r}"
+            detail = f"the reply was: {clip(exc.lm_response or '', 300)!r}"
             result = history.append(reasoning="", code="", output=prompts.load("no_code").format(detail=detail))
         if self.observer is not None:
             steps = result.trajectory if isinstance(result, dspy.Prediction) else [e.model_dump() for e in result]
             self.observer.after_iteration(iteration, steps[-1], time.perf_counter() - started)
         return result
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class TreeObserver:
@@ -98,7 +96,7 @@ class TreeObserver:
     def __init__(self, tree: Any, agent_id: str, budget: Any, progress: Any, root_lm: Any, max_iters: int):
         self.tree, self.agent_id, self.budget, self.progress = tree, agent_id, budget, progress
         self.root_lm, self.max_iters = root_lm, max_iters
-        self._seen = {"prompt_tokens": 0, "completion_tokens": 0, "tokens": 0, "cost_usd": 0.0, "calls": 0}
+        self._seen = Usage()  # the run's totals after the previous iteration
 
     def before_iteration(self, index: int) -> None:
         self.budget.check()
@@ -108,18 +106,15 @@ class TreeObserver:
         output = step.get("output", "")
         usage = self.budget.ledger.snapshot()
         failed = output.startswith("[Error]") or "Traceback (most recent call last)" in output
-        self.tree.set_usage({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-                             "tokens": usage["tokens"], "cost_usd": usage["cost_usd"], "llm_calls": usage["calls"]})
+        totals = Usage.from_snapshot(usage)
+        self.tree.set_usage(totals.as_tree())
         # this iteration's calls: the agent's own turn and the llm_query calls its code made
-        delta = {k: usage[k] - self._seen[k] for k in self._seen}
-        self._seen = {k: usage[k] for k in self._seen}
+        delta, self._seen = totals.minus(self._seen), totals
         self.tree.add_iteration(self.agent_id, prompt=_render(call.get("messages")),
                                 response=_first(call.get("outputs")), reasoning=step.get("reasoning", ""),
                                 code=step.get("code", ""), stdout=output, stderr=None,
                                 error=output if failed else None, duration_s=round(duration_s, 3),
-                                usage={"prompt_tokens": delta["prompt_tokens"],
-                                       "completion_tokens": delta["completion_tokens"], "tokens": delta["tokens"],
-                                       "cost_usd": round(delta["cost_usd"], 6), "llm_calls": delta["calls"]})
+                                usage=delta.as_tree())
         self.progress.iteration(self.tree.run["task"], index + 1, self.max_iters, duration_s, usage,
                                 "error" if failed else "ok")
 

@@ -27,9 +27,10 @@ from typing import Any, Callable, Optional
 from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines import checkout, prompts
 from rlm_pipelines.engines.base import EngineResult
-from rlm_pipelines.models import LLMClient, ModelError
+from rlm_pipelines.models import LLMClient, ModelError, Usage
 from rlm_pipelines.sandbox import SandboxStartError, can_fork, make_sandbox
 from rlm_pipelines.tasks import RepoTask
+from rlm_pipelines.text import clip
 
 CODE_BLOCK = re.compile(r"```(?:python|py|repl)[ \t]*\n(.*?)```", re.DOTALL)
 HELPERS = (Path(__file__).parent / "sandbox_helpers.py").read_text(encoding="utf-8")
@@ -231,10 +232,7 @@ class Agent:
                 return f"[sub-agent stopped: {exc}]"
             except Exception as exc:
                 return f"[sub-agent failed: {type(exc).__name__}: {exc}]"
-            text = result.text
-            if len(text) > limit:
-                text = text[:limit] + f"\n[... cut: {len(result.text) - limit} more characters]"
-            return text
+            return clip(result.text, limit)
 
         def rlm_query_batched(tasks: list[str]) -> list[str]:
             """Run one sub-agent per task, in parallel; returns their findings in order."""
@@ -302,23 +300,19 @@ class Agent:
             stderr.append(result.stderr)
             if result.error is not None:
                 errors.append(str(result.error))
-            outputs.append(_clip_middle(result.output(), limits.max_output_chars) or "(no output)")
+            shown = clip(result.output(), limits.max_output_chars, note="the full output is in run.json")
+            outputs.append(shown or "(no output)")
             if result.final is not None:
                 final = result.final
                 break
             if result.error is not None:
                 break  # later blocks probably depend on this one
         after = run.budget.ledger.snapshot()
-        usage = {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                 "tokens": completion.prompt_tokens + completion.completion_tokens,
-                 "cost_usd": completion.cost_usd, "llm_calls": 1}
         run.tree.add_iteration(self.node_id, prompt=observation, response=reply, code="\n\n".join(blocks),
                                stdout="".join(stdout), stderr="".join(stderr) or None,
                                error="\n".join(errors) or None, duration_s=round(time.perf_counter() - started, 3),
-                               usage=usage)
-        run.tree.set_usage({"tokens": after["tokens"], "prompt_tokens": after["prompt_tokens"],
-                            "completion_tokens": after["completion_tokens"], "cost_usd": after["cost_usd"],
-                            "llm_calls": after["calls"]})
+                               usage=Usage.from_completion(completion).as_tree())
+        run.tree.set_usage(Usage.from_snapshot(after).as_tree())
         run.progress.iteration(f"agent {self.node_id} (depth {self.depth})", index + 1, limits.max_iterations,
                                time.perf_counter() - started, after, "error" if errors else "ok")
         return final, "\n\n".join(f"Output of block {i + 1}:\n{o}" for i, o in enumerate(outputs))
@@ -358,14 +352,6 @@ def _bounded(history: list[dict[str, str]], budget_chars: int) -> list[dict[str,
     note = (f"\n\n[{len(rest) - len(kept)} earlier messages omitted to keep the context bounded; what their "
             f"code did still holds in the REPL]")
     return [{**first, "content": first["content"] + note}, *kept]
-
-
-def _clip_middle(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    cut = f"\n... [{len(text) - limit} characters cut; the full output is in run.json] ...\n"
-    return f"{text[:half]}{cut}{text[-half:]}"
 
 
 class RepoEngine:

@@ -14,10 +14,10 @@ from rlm_pipelines.models.litellm_client import (
     register_prices,
     sub_spec,
 )
-from rlm_pipelines.models.usage import CallRecord, UsageLedger
+from rlm_pipelines.models.usage import CallRecord, Usage, UsageLedger
 
-__all__ = ["CallRecord", "Completion", "LLMClient", "MissingKeyError", "ModelError", "ModelSpec", "UsageLedger",
-           "build_dspy_lm", "check_key", "register_prices", "sub_spec"]
+__all__ = ["CallRecord", "Completion", "LLMClient", "MissingKeyError", "ModelError", "ModelSpec", "Usage",
+           "UsageLedger", "build_dspy_lm", "check_key", "register_prices", "sub_spec"]
 
 
 def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "") -> Any:

@@ -5,6 +5,9 @@ Why a subclass and not a dspy callback: a callback's `on_lm_end` sees the output
 nor the cost, and cannot retry. dspy 3.4.1 hands both to `update_history(entry)` at the end of every public
 call (`__call__` / `acall`, in the caller's thread or task), so the subclass overrides that hook and wraps
 the two public calls in our retry loop (dspy's own `num_retries` is set to 0: one policy for both engines).
+
+This module imports dspy at the top: `rlm_pipelines.models` imports it only inside `build_dspy_lm`, so
+dspy (and litellm) load only for runs that use them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from types import SimpleNamespace
 from typing import Any, Iterator, Optional
 
+import dspy
+
 from rlm_pipelines.config import ModelSpec
 from rlm_pipelines.models.litellm_client import (ModelError, litellm_kwargs, register_prices, warn_unpriced,
                                                  with_retries, with_retries_async)
@@ -26,85 +31,88 @@ from rlm_pipelines.models.usage import CallRecord, UsageLedger
 _entry_box: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("rlm_dspy_entry", default=None)
 
 
-def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "") -> Any:
-    """A `dspy.LM` on the litellm engine (dspy 3.4 defaults to its own `lm15` engine), response cache off
-    (runs are real), that retries transient errors with our policy and records every call, failed or not,
-    into `ledger`. `last_call()` gives the calling thread's latest prompt and reply (the run tree records
-    them per iteration).
-
-    The key is read from its env var here, when the run builds its LM; dspy keeps it in `lm.kwargs` and
-    strips every `api_*` argument from what it records."""
-    import dspy
-
+def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "") -> "RecordingLM":
+    """A `dspy.LM` for `spec` that records every call into `ledger` (see `RecordingLM`), with the scripted
+    provider installed and the model's prices registered."""
     from rlm_pipelines.models import scripted
 
     scripted.install()
     register_prices(spec)
+    return RecordingLM(spec, ledger, role)
 
-    class RecordingLM(dspy.LM):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            with self._recording() as call:
-                result, call.attempts = with_retries(lambda: super(RecordingLM, self).__call__(*args, **kwargs),
-                                                     spec)
-            return result
 
-        async def acall(self, *args: Any, **kwargs: Any) -> Any:
-            with self._recording() as call:
-                result, call.attempts = await with_retries_async(
-                    lambda: super(RecordingLM, self).acall(*args, **kwargs), spec)
-            return result
+class RecordingLM(dspy.LM):
+    """A `dspy.LM` on the litellm engine (dspy 3.4 defaults to its own `lm15` engine), response cache off
+    (runs are real), that retries transient errors with our policy and records every call, failed or not,
+    into `ledger` with `role` ("root" or "sub"). `last_call()` gives the calling thread's latest prompt and
+    reply (the run tree records them per iteration).
 
-        @contextlib.contextmanager
-        def _recording(self) -> Iterator[SimpleNamespace]:
-            """One public call, retries included: its usage (from dspy's history entry) or its failure goes
-            into the ledger."""
-            box: list = []
-            token = _entry_box.set(box)
-            started = time.perf_counter()
-            call = SimpleNamespace(attempts=1)
-            try:
-                # dspy skips update_history when history is disabled; ours keeps nothing beyond this call.
-                with dspy.context(disable_history=False):
-                    yield call
-            except ModelError as exc:
-                self._record_failure(exc, started)
-                raise
-            finally:
-                _entry_box.reset(token)
-            self._record(box, started, call.attempts)
+    The key is read from its env var here, when the run builds its LM; dspy keeps it in `lm.kwargs` and
+    strips every `api_*` argument from what it records."""
 
-        def _record(self, box: list, started: float, attempts: int) -> None:
-            entry = box[-1] if box else {}
-            self._last.entry = entry
-            usage = entry.get("usage") or {}
-            cost = entry.get("cost")
-            if cost is None:
-                warn_unpriced(spec.model)
-            if self.ledger is not None:
-                self.ledger.add(CallRecord(spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
-                                           completion_tokens=usage.get("completion_tokens", 0) or 0,
-                                           cost_usd=float(cost or 0.0), duration_s=time.perf_counter() - started,
-                                           attempts=attempts, role=role))
+    def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = ""):
+        kwargs = litellm_kwargs(spec)
+        super().__init__(spec.model, engine="litellm", cache=False, num_retries=0,
+                         temperature=kwargs.pop("temperature"), max_tokens=kwargs.pop("max_tokens"), **kwargs)
+        self.spec, self.ledger, self.role = spec, ledger, role
+        self._last = threading.local()
 
-        def _record_failure(self, exc: ModelError, started: float) -> None:
-            if self.ledger is not None:
-                self.ledger.add(CallRecord(spec.model, duration_s=time.perf_counter() - started, ok=False,
-                                           error=str(exc), attempts=exc.attempts, role=role))
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call_dspy = super().__call__
+        with self._recording() as call:
+            result, call.attempts = with_retries(lambda: call_dspy(*args, **kwargs), self.spec)
+        return result
 
-        def update_history(self, entry: dict[str, Any]) -> None:
-            # Only what we need is kept, and only for this call: dspy's own history would hold every prompt
-            # (whole chapters) for the life of the run.
-            box = _entry_box.get()
-            if box is not None:
-                box.append({key: entry.get(key) for key in ("usage", "cost", "messages", "outputs")})
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        call_dspy = super().acall
+        with self._recording() as call:
+            result, call.attempts = await with_retries_async(lambda: call_dspy(*args, **kwargs), self.spec)
+        return result
 
-        def last_call(self) -> dict[str, Any]:
-            """The calling thread's latest call: usage, cost, messages, outputs ({} before any)."""
-            return getattr(self._last, "entry", None) or {}
+    @contextlib.contextmanager
+    def _recording(self) -> Iterator[SimpleNamespace]:
+        """One public call, retries included: its usage (from dspy's history entry) or its failure goes
+        into the ledger."""
+        box: list = []
+        token = _entry_box.set(box)
+        started = time.perf_counter()
+        call = SimpleNamespace(attempts=1)
+        try:
+            # dspy skips update_history when history is disabled; ours keeps nothing beyond this call.
+            with dspy.context(disable_history=False):
+                yield call
+        except ModelError as exc:
+            self._record_failure(exc, started)
+            raise
+        finally:
+            _entry_box.reset(token)
+        self._record(box, started, call.attempts)
 
-    kwargs = litellm_kwargs(spec)
-    lm = RecordingLM(spec.model, engine="litellm", cache=False, num_retries=0,
-                     temperature=kwargs.pop("temperature"), max_tokens=kwargs.pop("max_tokens"), **kwargs)
-    lm.ledger = ledger
-    lm._last = threading.local()
-    return lm
+    def _record(self, box: list, started: float, attempts: int) -> None:
+        entry = box[-1] if box else {}
+        self._last.entry = entry
+        usage = entry.get("usage") or {}
+        cost = entry.get("cost")
+        if cost is None:
+            warn_unpriced(self.spec.model)
+        if self.ledger is not None:
+            self.ledger.add(CallRecord(self.spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
+                                       completion_tokens=usage.get("completion_tokens", 0) or 0,
+                                       cost_usd=float(cost or 0.0), duration_s=time.perf_counter() - started,
+                                       attempts=attempts, role=self.role))
+
+    def _record_failure(self, exc: ModelError, started: float) -> None:
+        if self.ledger is not None:
+            self.ledger.add(CallRecord(self.spec.model, duration_s=time.perf_counter() - started, ok=False,
+                                       error=str(exc), attempts=exc.attempts, role=self.role))
+
+    def update_history(self, entry: dict[str, Any]) -> None:
+        # Only what we need is kept, and only for this call: dspy's own history would hold every prompt
+        # (whole chapters) for the life of the run.
+        box = _entry_box.get()
+        if box is not None:
+            box.append({key: entry.get(key) for key in ("usage", "cost", "messages", "outputs")})
+
+    def last_call(self) -> dict[str, Any]:
+        """The calling thread's latest call: usage, cost, messages, outputs ({} before any)."""
+        return getattr(self._last, "entry", None) or {}

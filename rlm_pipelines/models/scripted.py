@@ -149,30 +149,10 @@ def install() -> None:
         if _installed:
             return
         import litellm
-        from litellm import CustomLLM, ModelResponse
+
+        from rlm_pipelines.models.scripted_provider import ScriptedLLM
 
         litellm.suppress_debug_info = True  # no "Provider List" banners on the console
-
-        class ScriptedLLM(CustomLLM):
-            def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:
-                model, messages = kwargs.get("model", ""), kwargs.get("messages") or []
-                try:
-                    text = reply(model, messages)
-                except ScriptError as exc:  # a 400, not retried (litellm would call a ValueError a
-                    # dropped connection, i.e. transient, and add a traceback to the message)
-                    raise litellm.BadRequestError(str(exc), model=model, llm_provider="scripted") from None
-                prompt_tokens = sum(len(_content(m)) for m in messages) // 4
-                return ModelResponse(
-                    model="scripted",
-                    choices=[{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": text}}],
-                    usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4,
-                           "total_tokens": prompt_tokens + len(text) // 4},
-                )
-
-            async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:
-                return self.completion(*args, **kwargs)
-
         handler = ScriptedLLM()
         litellm.custom_provider_map = [p for p in litellm.custom_provider_map if p.get("provider") != "scripted"]
         litellm.custom_provider_map.append({"provider": "scripted", "custom_handler": handler})

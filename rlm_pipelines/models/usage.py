@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 
@@ -22,6 +22,43 @@ class CallRecord:
     attempts: int = 1
     role: str = ""  # "root" (the agent's own turns) or "sub" (llm_query)
     at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens, dollars and model calls as the run tree records them (`tree.USAGE_KEYS`), for the run, an
+    agent or one iteration; made from the ledger's totals or from one completion, so the mapping between
+    the ledger's names and the tree's is written once."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    llm_calls: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict[str, Any]) -> "Usage":
+        """The totals of `UsageLedger.snapshot()`."""
+        return cls(snapshot["prompt_tokens"], snapshot["completion_tokens"], snapshot["cost_usd"],
+                   snapshot["calls"])
+
+    @classmethod
+    def from_completion(cls, completion: Any) -> "Usage":
+        """One model call (a `Completion`, or anything with its token and cost fields)."""
+        return cls(completion.prompt_tokens, completion.completion_tokens, completion.cost_usd, 1)
+
+    def minus(self, earlier: "Usage") -> "Usage":
+        """What was used since `earlier` (totals then) up to these totals."""
+        return Usage(self.prompt_tokens - earlier.prompt_tokens, self.completion_tokens - earlier.completion_tokens,
+                     self.cost_usd - earlier.cost_usd, self.llm_calls - earlier.llm_calls)
+
+    def as_tree(self) -> dict[str, Any]:
+        """The run tree's usage dict; dollars rounded to 6 places (float sums and differences drift)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "tokens": self.tokens, "cost_usd": round(self.cost_usd, 6), "llm_calls": self.llm_calls}
 
 
 class UsageLedger:
@@ -63,7 +100,3 @@ class UsageLedger:
             "cost_usd": round(sum(r.cost_usd for r in records), 6),
             "by_model": by_model,
         }
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [asdict(r) for r in self.records]

@@ -3,8 +3,8 @@
 The host POSTs its messages and long-polls for the server's (a GET that returns as soon as there is
 something, or after `poll_s`): no fixed polling interval. Requests go through the provider's preview URL, so
 they carry the provider's headers (e.g. a preview token) plus our per-session secret. The secret travels
-in `X-Rlm-Secret`, not `Authorization: Bearer` as DESIGN.md sketches: provider gateways may take
-`Authorization` for themselves (Daytona's accepts its API key there), so a header of our own reaches the
+in a header of our own, `X-Rlm-Secret`, not in `Authorization: Bearer`: provider gateways may take
+`Authorization` for themselves (Daytona's accepts its API key there), and our own header reaches the
 server untouched.
 
 Gateways drop connections and answer 502/503/504 while a server starts or a proxy restarts: those are
@@ -54,7 +54,6 @@ class HttpTransport:
         self._seq_lock = threading.Lock()
         self._killed = threading.Event()
         self._reader_done = threading.Event()
-        self.retries = 0  # transient failures retried so far (tests and diagnostics read it)
 
     # -- Transport
 
@@ -137,7 +136,6 @@ class HttpTransport:
                 raise ConnectionError(f"{method} {path} failed ({problem}) and the server has exited")
             if now - first_failure > self.retry_s:
                 raise ConnectionError(f"{method} {path} kept failing for {self.retry_s:g} s: {problem}")
-            self.retries += 1
             log.debug("%s %s: %s; retrying", method, path, problem)
             self._killed.wait(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)

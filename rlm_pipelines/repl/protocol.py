@@ -1,14 +1,17 @@
 """The REPL message protocol, host side. `server.py` speaks the same messages (it cannot import this file:
 it is uploaded into sandboxes verbatim and must stay stdlib-only).
 
-One JSON object per line on a stream (stdio transport) or per HTTP body (HTTP transport).
+One JSON object per line on a stream (stdio transport); the HTTP transport wraps the same objects (posted
+as {seq, message}, polled as numbered events: see `http.py`).
 
 host -> sandbox
     exec      {type, id, code}                       run a cell in the persistent namespace
-    set_vars  {type, id, vars}                       inject inputs once per run, not every turn
+    set_vars  {type, id, vars} | {type, id, file}    inject inputs once per run, not every turn (large
+                                                     ones as a JSON file uploaded into the sandbox)
     register  {type, id, tools:[{name, params, doc}], submit_fields:[...]|null, final: bool}
     reply     {type, call_id, value} | {type, call_id, error}
-    interrupt {type, id}                             KeyboardInterrupt in the running cell, state kept
+    interrupt {type, id?}                            KeyboardInterrupt in the running cell (that cell
+                                                     only, when id is given), state kept
     shutdown  {type}
 sandbox -> host
     hello     {type, pid, python}                    the server is up
@@ -23,7 +26,7 @@ printing (or `os.system`) cannot forge a message.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 
@@ -59,7 +62,6 @@ class CellResult:
     value: Optional[str] = None  # repr of the cell's last expression, when it is not None
     duration_s: float = 0.0
     notice: str = ""  # host-side note, e.g. "the REPL was restarted, state was lost"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> "CellResult":

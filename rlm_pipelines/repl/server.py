@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """rlm-pipelines REPL server. Runs INSIDE the sandbox.
 
-Stdlib only, Python >= 3.9, one file uploaded verbatim, so it works in any sandbox image. It keeps one
+Stdlib only, Python >= 3.9, one file uploaded verbatim, so it works in any sandbox image; it imports
+nothing from rlm_pipelines, so what the host shares (e.g. `rlm_pipelines.text.clip`) has its own
+counterpart here (`Capture` cuts cell output head + tail, in bytes, as it streams in). It keeps one
 persistent namespace and speaks the message protocol of `protocol.py` (JSON lines) on a channel of its own,
 never on the guest's stdout:
 
@@ -10,7 +12,8 @@ never on the guest's stdout:
 
 Threads: the MAIN thread runs cells (so an interrupt is a real SIGINT -> KeyboardInterrupt, which also
 breaks blocking calls); a READER thread receives messages, answers host replies and interrupts at once,
-and queues exec/set_vars/register for the main thread; two DRAIN threads read the cell's fds 1 and 2.
+and queues exec/set_vars/register for the main thread; two DRAIN threads read the cell's fds 1 and 2. The
+HTTP transport adds its server's request threads and one that exits when the host is gone.
 """
 
 from __future__ import annotations
@@ -169,61 +172,8 @@ class HttpChannel:
         self.cond = threading.Condition()
         self.heard = time.monotonic()
         self.idle_exit = idle_exit
-        channel = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms ACK wait
-
-            def log_message(self, *args):  # fd 2 belongs to cell output
-                pass
-
-            def _reply(self, code, body):
-                data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=repr).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _allowed(self):
-                given = (self.headers.get("X-Rlm-Secret") or "").encode()
-                if hmac.compare_digest(given, channel.secret):
-                    channel.heard = time.monotonic()
-                    return True
-                self._reply(403, {"error": "wrong or missing X-Rlm-Secret"})
-                return False
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if not self._allowed():
-                    return
-                if urlparse(self.path).path != "/messages":
-                    return self._reply(404, {"error": "POST /messages only"})
-                try:
-                    posted = json.loads(body)
-                    seq, message = posted["seq"], posted["message"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    return self._reply(400, {"error": "expected {seq, message}: %s" % exc})
-                with channel.cond:
-                    duplicate = seq in channel.seen
-                    channel.seen.add(seq)
-                if not duplicate:
-                    channel.inbox.put(message)
-                self._reply(200, {"ok": True, "duplicate": duplicate})
-
-            def do_GET(self):
-                if not self._allowed():
-                    return
-                url = urlparse(self.path)
-                if url.path != "/events":
-                    return self._reply(404, {"error": "GET /events only"})
-                query = parse_qs(url.query)
-                after = int(query.get("after", ["0"])[0])
-                wait = min(float(query.get("wait", ["25"])[0]), 60.0)
-                self._reply(200, {"events": channel.events_after(after, wait)})
-
-        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), HttpHandler)
+        self.httpd.channel = self  # what HttpHandler serves
         self.httpd.daemon_threads = True
         self.httpd.handle_error = lambda request, address: None  # a dropped client is not cell output
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -252,6 +202,63 @@ class HttpChannel:
     def messages(self):
         while True:
             yield self.inbox.get()
+
+
+class HttpHandler(BaseHTTPRequestHandler):
+    """One request to an `HttpChannel`'s server; the channel is `self.server.channel`."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms ACK wait
+
+    def log_message(self, *args):  # fd 2 belongs to cell output
+        pass
+
+    def _reply(self, code, body):
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=repr).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _allowed(self):
+        channel = self.server.channel
+        given = (self.headers.get("X-Rlm-Secret") or "").encode()
+        if hmac.compare_digest(given, channel.secret):
+            channel.heard = time.monotonic()
+            return True
+        self._reply(403, {"error": "wrong or missing X-Rlm-Secret"})
+        return False
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if not self._allowed():
+            return
+        if urlparse(self.path).path != "/messages":
+            return self._reply(404, {"error": "POST /messages only"})
+        try:
+            posted = json.loads(body)
+            seq, message = posted["seq"], posted["message"]
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._reply(400, {"error": "expected {seq, message}: %s" % exc})
+        channel = self.server.channel
+        with channel.cond:
+            duplicate = seq in channel.seen
+            channel.seen.add(seq)
+        if not duplicate:
+            channel.inbox.put(message)
+        self._reply(200, {"ok": True, "duplicate": duplicate})
+
+    def do_GET(self):
+        if not self._allowed():
+            return
+        url = urlparse(self.path)
+        if url.path != "/events":
+            return self._reply(404, {"error": "GET /events only"})
+        query = parse_qs(url.query)
+        after = int(query.get("after", ["0"])[0])
+        wait = min(float(query.get("wait", ["25"])[0]), 60.0)
+        self._reply(200, {"events": self.server.channel.events_after(after, wait)})
 
 
 # --------------------------------------------------------------------------- the server

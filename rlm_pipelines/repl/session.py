@@ -7,8 +7,9 @@ Lifecycle of a `ReplSession`:
     4. `close()`: idempotent; the server process is gone afterwards
 
 Calls from sandbox code (`llm_query`, `rlm_query`, tools) are multiplexed by call id and answered from a
-bounded thread pool, so several sandbox threads can wait on the host at once. Nothing polls: a reader thread
-blocks on the transport and wakes exactly the waiter a message is for.
+bounded thread pool, so several sandbox threads can wait on the host at once. No polling on a timer: a
+reader thread blocks on the transport (a pipe read, or the HTTP transport's long poll) and wakes exactly the
+waiter a message is for.
 
 Timeouts: at `cell_timeout_s` the cell is interrupted (KeyboardInterrupt inside, namespace kept); if it has
 not stopped `kill_grace_s` later the server is killed. The state is then lost, and the session says so: the

@@ -35,12 +35,14 @@ def cleanup(args: argparse.Namespace) -> int:
 
     from rlm_pipelines.config import SandboxConfig
     from rlm_pipelines.paths import conf_dir
-    from rlm_pipelines.sandbox.daytona import OWNER_LABEL, MissingDaytonaKey, client
+    from rlm_pipelines.sandbox.daytona import OWNER_LABEL, MissingDaytonaKey, list_sandboxes
 
     source = OmegaConf.load(args.config or conf_dir() / "sandbox" / "daytona.yaml")
     config: SandboxConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SandboxConfig), source))  # type: ignore
+    labels = {OWNER_LABEL: "1", **({"rlm-run": args.run} if args.run else {}),
+              **({"rlm-task": args.task} if args.task else {})}
     try:
-        daytona = client(config.daytona)
+        matching = list_sandboxes(config.daytona, labels)
     except MissingDaytonaKey:
         variable = config.daytona.api_key_env
         print(f"error: cleanup lists and deletes sandboxes through the Daytona API, which needs your key in "
@@ -48,13 +50,9 @@ def cleanup(args: argparse.Namespace) -> int:
               f"--config a sandbox config whose daytona.api_key_env names the variable that holds it",
               file=sys.stderr)
         return 2
-    from daytona import ListSandboxesQuery
-
-    labels = {OWNER_LABEL: "1", **({"rlm-run": args.run} if args.run else {}),
-              **({"rlm-task": args.task} if args.task else {})}
     cutoff = datetime.now(timezone.utc) - timedelta(minutes=args.older_than)
     found = deleted = 0
-    for sandbox in daytona.list(ListSandboxesQuery(labels=labels)):
+    for sandbox in matching:
         created = _when(getattr(sandbox, "created_at", None))
         if args.older_than and created is not None and created > cutoff:
             continue

@@ -82,6 +82,15 @@ def client(options: DaytonaOptions) -> Any:
         return _clients[cache_key]
 
 
+def list_sandboxes(options: DaytonaOptions, labels: dict[str, str]) -> Any:
+    """The account's sandboxes that carry all of `labels`, as SDK objects (each has `.delete(timeout=)`):
+    what `python -m rlm_pipelines.sandbox cleanup` looks through. Raises MissingDaytonaKey without a key."""
+    daytona = client(options)
+    from daytona import ListSandboxesQuery
+
+    return daytona.list(ListSandboxesQuery(labels=labels))
+
+
 class DaytonaSandbox:
     def __init__(self, config: Optional[SandboxConfig] = None, name: str = "sbx",
                  mounts: Optional[dict[str, str]] = None):

@@ -34,6 +34,7 @@ from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
 from rlm_pipelines.repl.stdio import StdioTransport
 from rlm_pipelines.sandbox.base import SandboxError, SandboxStartError
+from rlm_pipelines.text import clip_bytes
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,7 @@ class LocalSandbox:
             _kill(proc)  # background children of the command die with it, as in a fresh shell's exit
             with self._lock:
                 self._procs.discard(proc)
-        if len(out) > OUTPUT_CAP:
-            out = out[: OUTPUT_CAP // 2] + b"\n... [output cut] ...\n" + out[-OUTPUT_CAP // 2:]
-        return code, out.decode(errors="replace")
+        return code, clip_bytes(out, OUTPUT_CAP).decode(errors="replace")
 
     def open_repl(self) -> ReplSession:
         self.start()

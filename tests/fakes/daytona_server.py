@@ -124,6 +124,21 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """Every request goes to `FakeDaytona.handle` of the fake that is `self.server.fake`."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms ACK wait
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def handle_one(self) -> None:
+        self.server.fake.handle(self)
+
+    do_GET = do_POST = do_PUT = do_DELETE = handle_one
+
+
 class FakeDaytona:
     """`with FakeDaytona() as fake:` serves on 127.0.0.1; `fake.api_url`, `fake.api_key` for the SDK."""
 
@@ -141,21 +156,8 @@ class FakeDaytona:
         self.network_locked = False  # set: runtime network changes are refused, as for Daytona tiers 1-2
         self.lock = threading.Lock()
         self.root = Path(tempfile.mkdtemp(prefix="fake-daytona-"))
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms ACK wait
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def handle_one(self) -> None:
-                fake.handle(self)
-
-            do_GET = do_POST = do_PUT = do_DELETE = handle_one
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.fake = self  # what _Handler serves
         self.httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.api_url = self.base + "/api"

@@ -26,6 +26,7 @@ Reply = Callable[[dict[str, Any]], str]
 
 
 class _Server(ThreadingHTTPServer):
+    fake: "OpenAIServer"  # what _Handler serves
     daemon_threads = True
     request_queue_size = 256  # the default backlog (5) refuses bursts of parallel calls
 
@@ -44,7 +45,8 @@ class OpenAIServer:
         self._failures: deque[int] = deque()
         self._always_fail: Optional[int] = None
         self._lock = threading.Lock()
-        self._httpd = _Server(("127.0.0.1", 0), self._handler())
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.fake = self
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -82,63 +84,62 @@ class OpenAIServer:
                 return self._failures.popleft()
             return self._always_fail
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+class _Handler(BaseHTTPRequestHandler):
+    """One request to the `OpenAIServer` that is `self.server.fake`."""
 
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
+    protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-                with server._lock:
-                    server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in
-                                                                           self.headers.items()}, "body": body})
-                if server.latency_s:
-                    time.sleep(server.latency_s)
-                status = server._next_failure()
-                if status is not None:
-                    return self._send(status, {"error": {"message": f"fake provider error {status}",
-                                                         "type": "fake_error", "code": status}})
-                if not self.path.rstrip("/").endswith("/chat/completions"):
-                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
-                text = server.reply(body)
-                usage = {"prompt_tokens": sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
-                         // 4 + 1, "completion_tokens": len(text) // 4 + 1}
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                model = body.get("model", "fake")
-                if body.get("stream"):
-                    return self._stream(model, text, usage)
-                self._send(200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-                                 "model": model, "usage": usage,
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": text}}]})
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+        with fake._lock:
+            fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in
+                                                                   self.headers.items()}, "body": body})
+        if fake.latency_s:
+            time.sleep(fake.latency_s)
+        status = fake._next_failure()
+        if status is not None:
+            return self._send(status, {"error": {"message": f"fake provider error {status}",
+                                                 "type": "fake_error", "code": status}})
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        text = fake.reply(body)
+        usage = {"prompt_tokens": sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
+                 // 4 + 1, "completion_tokens": len(text) // 4 + 1}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        model = body.get("model", "fake")
+        if body.get("stream"):
+            return self._stream(model, text, usage)
+        self._send(200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                         "model": model, "usage": usage,
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": text}}]})
 
-            def _stream(self, model: str, text: str, usage: dict[str, int]) -> None:
-                self.send_response(200)
-                self.send_header("content-type", "text/event-stream")
-                self.send_header("connection", "close")
-                self.end_headers()
-                chunks = [{"delta": {"role": "assistant", "content": text}, "finish_reason": None},
-                          {"delta": {}, "finish_reason": "stop"}]
-                for chunk in chunks:
-                    event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
-                             "created": int(time.time()), "choices": [{"index": 0, **chunk}]}
-                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                last = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [],
-                        "usage": usage}
-                self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.close_connection = True
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        return Handler
+    def _stream(self, model: str, text: str, usage: dict[str, int]) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        chunks = [{"delta": {"role": "assistant", "content": text}, "finish_reason": None},
+                  {"delta": {}, "finish_reason": "stop"}]
+        for chunk in chunks:
+            event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                     "created": int(time.time()), "choices": [{"index": 0, **chunk}]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        last = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [],
+                "usage": usage}
+        self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.close_connection = True

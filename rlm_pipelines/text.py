@@ -1,0 +1,33 @@
+"""Cutting long text to a size, the one way the host does it.
+
+Head and tail are kept (the start says what the text is, the end is where errors and results usually
+are) and a marker in the middle says how much was cut, so neither a model nor a person mistakes a cut
+text for the whole. The REPL server inside the sandbox cuts cell output the same way with code of its own
+(`repl/server.py` must stay stdlib-only and self-contained).
+"""
+
+from __future__ import annotations
+
+
+def clip(text: str, limit: int, note: str = "") -> str:
+    """`text` if it has at most `limit` characters; else its first and last characters, `limit` in all, with
+    a marker between them saying how many were cut (and `note`, e.g. where the whole text is)."""
+    if len(text) <= limit:
+        return text
+    head, tail = _halves(limit)
+    detail = f"; {note}" if note else ""
+    return f"{text[:head]}\n... [{len(text) - limit} characters cut{detail}] ...\n{text[len(text) - tail:]}"
+
+
+def clip_bytes(data: bytes, limit: int) -> bytes:
+    """`clip` for raw output that is not decoded yet (counted in bytes, so it is cut before decoding)."""
+    if len(data) <= limit:
+        return data
+    head, tail = _halves(limit)
+    return b"%s\n... [%d bytes cut] ...\n%s" % (data[:head], len(data) - limit, data[len(data) - tail:])
+
+
+def _halves(limit: int) -> tuple[int, int]:
+    """How much of the head and of the tail to keep (the head gets the odd one)."""
+    limit = max(limit, 0)
+    return limit - limit // 2, limit // 2
