@@ -204,7 +204,8 @@ def test_auto_falls_back_loudly_without_bwrap(tmp_path):
     for tool in ("prlimit", "env", "sh"):
         (bin_dir / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
     code = ("import warnings, os\nwarnings.simplefilter('always')\n"
-            "from rlm_pipelines.config import LocalSandboxConfig\nfrom rlm_pipelines.sandbox.local import LocalSandbox\n"
+            "from rlm_pipelines.config import LocalSandboxConfig\n"
+            "from rlm_pipelines.sandbox.local import LocalSandbox\n"
             "with LocalSandbox(LocalSandboxConfig(isolation='auto')) as box:\n"
             "    print('ISOLATION', box.isolation)\n    print(box.open_repl().execute('print(6*7)').stdout)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT,
