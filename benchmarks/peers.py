@@ -44,7 +44,7 @@ def ours_daytona() -> tuple[Peer | None, str]:
     transport's own cost (preview-URL proxying, long polls), without the internet's latency on top."""
     try:
         import daytona  # noqa: F401
-        from rlm_pipelines.config import DaytonaOptions, SandboxConfig
+        from rlm_pipelines.config import DaytonaOptions, DaytonaSandboxConfig
         from tests.fakes.daytona_server import FakeDaytona
     except ImportError as exc:
         return None, f"needs the Daytona SDK (pip install -e '.[daytona]'): {exc}"
@@ -53,7 +53,7 @@ def ours_daytona() -> tuple[Peer | None, str]:
     fake = FakeDaytona().__enter__()
     atexit.register(fake.__exit__, None, None, None)
     os.environ["RLM_BENCH_DAYTONA_KEY"] = fake.api_key
-    config = SandboxConfig(kind="daytona", daytona=DaytonaOptions(api_url=fake.api_url, api_key_env="RLM_BENCH_DAYTONA_KEY"))
+    config = DaytonaSandboxConfig(daytona=DaytonaOptions(api_url=fake.api_url, api_key_env="RLM_BENCH_DAYTONA_KEY"))
     about = "our DaytonaSandbox (real SDK, HTTP transport) against the local fake Daytona API, loopback"
     return _ours("ours (daytona, fake API)", about, config), about
 
@@ -61,11 +61,11 @@ def ours_daytona() -> tuple[Peer | None, str]:
 def ours(isolation: str) -> tuple[Peer | None, str]:
     """Our local sandbox through our dspy adapter; (None, why) while it cannot be imported."""
     try:
-        from rlm_pipelines.config import SandboxConfig
+        from rlm_pipelines.config import LocalSandboxConfig
     except ImportError as exc:
         return None, f"our SandboxInterpreter cannot be imported yet: {exc}"
     about = "our local sandbox, bubblewrap isolation" if isolation == "bwrap" else "our local sandbox, NOT isolated"
-    return _ours(f"ours ({isolation})", about, SandboxConfig(isolation=isolation)), about
+    return _ours(f"ours ({isolation})", about, LocalSandboxConfig(isolation=isolation)), about
 
 
 def _ours(name: str, about: str, config: Any) -> Peer | None:

@@ -28,10 +28,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from rlm_pipelines.config import SandboxConfig  # noqa: E402
+from rlm_pipelines.config import LocalSandboxConfig  # noqa: E402
 from rlm_pipelines.engines import checkout  # noqa: E402
 from rlm_pipelines.models.scripted import DepthScript, Turn, register_script  # noqa: E402
-from rlm_pipelines.sandbox import make_sandbox  # noqa: E402
+from rlm_pipelines.sandbox import REPO_DIR, make_sandbox  # noqa: E402
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -68,15 +68,15 @@ def checkout_costs(repo: Path, rounds: int) -> dict[str, list[float]]:
                                        "host git clone --no-local (full copy)": []}
     for _ in range(rounds):
         started = time.perf_counter()
-        sandbox = make_sandbox(SandboxConfig(isolation="bwrap"), mounts={str(mirror): checkout.MIRROR_IN_SANDBOX})
+        sandbox = make_sandbox(LocalSandboxConfig(isolation="bwrap"), mounts={str(mirror): checkout.MIRROR_IN_SANDBOX})
         sandbox.start()
-        assert sandbox.seed(base, checkout.REPO_IN_SANDBOX)
+        assert sandbox.seed(base, REPO_DIR)
         figures["ours: sub-agent sandbox + checkout"].append((time.perf_counter() - started) * 1000)
-        code, out = sandbox.run(f"cd {checkout.REPO_IN_SANDBOX} && git status --short | wc -l && git log --oneline | wc -l")
+        code, out = sandbox.run(f"cd {REPO_DIR} && git status --short | wc -l && git log --oneline | wc -l")
         assert code == 0 and out.split() == ["0", "1"], out
         sandbox.stop()
         started = time.perf_counter()
-        sandbox = make_sandbox(SandboxConfig(isolation="bwrap"), mounts={str(mirror): checkout.MIRROR_IN_SANDBOX})
+        sandbox = make_sandbox(LocalSandboxConfig(isolation="bwrap"), mounts={str(mirror): checkout.MIRROR_IN_SANDBOX})
         sandbox.start()
         code, out = sandbox.run(checkout.checkout_command(commit))
         figures["ours: root agent (sandbox + git checkout)"].append((time.perf_counter() - started) * 1000)

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from rlm_pipelines.sandbox.base import WORKSPACE
+
 
 @dataclass
 class ReplConfig:
@@ -53,7 +55,7 @@ class DaytonaOptions:
     # for the clone, which needs Daytona tier 3+), `upload` (a git bundle of the host's mirror: no network,
     # private repos and local paths work), `auto` (clone where it can work, else upload).
     checkout: str = "auto"
-    workdir: str = "/workspace"  # made at start; the engines' paths (/workspace/repo) assume it
+    workdir: str = WORKSPACE  # made at start; the engines' paths (REPO_DIR) assume it
     python: str = "python3"  # the sandbox's Python (runs the REPL server; stdlib only)
     repl_port: int = 7801  # first port for REPL servers (a restarted server takes the next one)
     create_timeout_s: float = 180.0
@@ -62,28 +64,19 @@ class DaytonaOptions:
 
 @dataclass
 class SandboxConfig:
-    """Where model-written code runs. `kind` picks the backend: `local` (bubblewrap) or `daytona`. The
-    limits below (rlimits, isolation, python, root_dir) are the local backend's; Daytona's own are in
-    `daytona`. `network` and `env` apply to both."""
+    """Where model-written code runs: what every backend shares. `kind` picks the backend (see
+    `rlm_pipelines.sandbox.BACKENDS`), whose own schema adds its settings: `LocalSandboxConfig`,
+    `DaytonaSandboxConfig`. A plain `SandboxConfig` gets that backend's defaults for the rest."""
 
     kind: str = "local"
-    # local: `bwrap` (required), `none` (plain subprocess, NOT isolated), `auto` (bwrap, else `none` with a
-    # loud warning).
-    isolation: str = "auto"
     # Network inside the sandbox. Off by default: model-written code is hostile until proven otherwise.
     network: bool = False
     # The sandbox starts with an empty environment plus these values (never the host's API keys) ...
     env: dict[str, str] = field(default_factory=dict)
     # ... plus these host variables copied by name, only when a task really needs them.
     pass_env: list[str] = field(default_factory=list)
-    # rlimits for every process in the sandbox.
-    memory_mb: int = 2048  # address space per process
-    cpu_seconds: int = 3600  # CPU time per process
-    file_size_mb: int = 1024  # largest file a process may write
-    max_processes: int = 256  # processes and threads (contains fork bombs)
-    # Python inside the sandbox; null = the host interpreter (its install is bound read-only).
-    python: Optional[str] = None
-    # Host folder under which sandbox roots (workspace + private /tmp) are made; null = system temp dir.
+    # Host folder for the run's temporary folders (local sandbox roots, the repo engine's base checkout and
+    # bundle); null = the system temp dir.
     root_dir: Optional[str] = None
     repl: ReplConfig = field(default_factory=ReplConfig)
     # Put on every sandbox of the run (the pipeline adds rlm-run and rlm-task), so `python -m
@@ -93,6 +86,29 @@ class SandboxConfig:
     # of fresh sandboxes that each clone it. Only where the backend can fork (daytona); local sub-agents'
     # checkouts are hardlinked copies already.
     fork_subagents: bool = False
+
+
+@dataclass
+class LocalSandboxConfig(SandboxConfig):
+    """`sandbox=local`: bubblewrap on this machine, with rlimits on every process."""
+
+    kind: str = "local"
+    # `bwrap` (required), `none` (plain subprocess, NOT isolated), `auto` (bwrap, else `none` with a loud
+    # warning).
+    isolation: str = "auto"
+    memory_mb: int = 2048  # address space per process
+    cpu_seconds: int = 3600  # CPU time per process
+    file_size_mb: int = 1024  # largest file a process may write
+    max_processes: int = 256  # processes and threads (contains fork bombs)
+    # Python inside the sandbox; null = the host interpreter (its install is bound read-only).
+    python: Optional[str] = None
+
+
+@dataclass
+class DaytonaSandboxConfig(SandboxConfig):
+    """`sandbox=daytona`: Daytona cloud sandboxes; the provider's settings are under `daytona`."""
+
+    kind: str = "daytona"
     daytona: DaytonaOptions = field(default_factory=DaytonaOptions)
 
 
@@ -176,9 +192,16 @@ class RunConfig:
     task: Any = MISSING  # validated against the task plugin's own schema (see rlm_pipelines/tasks.py)
     engine: EngineConfig = field(default_factory=EngineConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    sandbox: Any = MISSING  # validated against its backend's schema (sandbox_schema_<kind>, see conf/sandbox)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+    def __post_init__(self) -> None:
+        # A config read back from plain data (run.json, Prefect) has the sandbox as a dict: type it again.
+        if self.sandbox is not MISSING:
+            from rlm_pipelines.sandbox import typed_config
+
+            self.sandbox = typed_config(self.sandbox)
 
 
 def register_configs() -> None:
@@ -189,6 +212,10 @@ def register_configs() -> None:
 
     from rlm_pipelines.paths import run_folder
 
+    from rlm_pipelines.sandbox import BACKENDS, backend
+
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
+    for kind in BACKENDS:  # conf/sandbox/<kind>.yaml extends its schema (kept out of --help)
+        store.store(name=f"sandbox_schema_{kind}", node=backend(kind).config_class)
     OmegaConf.register_new_resolver("rlm_run_folder", run_folder, replace=True)

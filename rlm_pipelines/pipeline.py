@@ -146,16 +146,16 @@ def status_of(exc: BaseException) -> str:
 
 def is_transient_infra(exc: BaseException) -> bool:
     """Worth another attempt of the engine step: the sandbox could not start, or the provider was down after
-    our per-call retries. Never the model's own mistakes."""
-    from rlm_pipelines.sandbox import SandboxStartError
+    our per-call retries. Never the model's own mistakes, nor a sandbox set up so it can never work."""
+    from rlm_pipelines.sandbox import SandboxConfigError, SandboxStartError
 
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, SandboxStartError) or getattr(exc, "transient", False):
-            return True
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
+    if any(isinstance(e, SandboxConfigError) for e in chain):  # anywhere in the chain: another try cannot help
+        return False
+    return any(isinstance(e, SandboxStartError) or getattr(e, "transient", False) for e in chain)
 
 
 # --------------------------------------------------------------------------- chaining

@@ -75,11 +75,11 @@ def fake_daytona():
 
 
 def daytona_config(fake, **options):
-    """A SandboxConfig for DaytonaSandbox against the fake."""
-    from rlm_pipelines.config import DaytonaOptions, SandboxConfig, ReplConfig
+    """A DaytonaSandboxConfig for DaytonaSandbox against the fake."""
+    from rlm_pipelines.config import DaytonaOptions, DaytonaSandboxConfig, ReplConfig
 
     repl = options.pop("repl", None) or ReplConfig(start_timeout_s=60)
-    return SandboxConfig(kind="daytona", repl=repl, daytona=DaytonaOptions(
+    return DaytonaSandboxConfig(repl=repl, daytona=DaytonaOptions(
         api_url=fake.api_url, api_key_env=FAKE_KEY_ENV, gateway_retry_s=20, **options))
 
 

@@ -73,3 +73,27 @@ def test_bad_overrides_fail_at_compose_time(override, message):
     with pytest.raises(Exception) as caught:
         OmegaConf.to_object(composed(override))
     assert message in str(caught.value) or message in str(caught.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("sandbox=daytona", "sandbox.memory_mb=1"), "Key 'memory_mb' not in 'DaytonaSandboxConfig'"),
+    (("sandbox=local", "sandbox.isolaton=bwrap"), "Key 'isolaton' not in 'LocalSandboxConfig'"),
+    (("sandbox=local", "sandbox.daytona.checkout=clone"), "Key 'daytona' not in 'LocalSandboxConfig'"),
+])
+def test_each_sandbox_takes_only_its_own_keys(overrides, message):
+    with pytest.raises(Exception) as caught:
+        composed(*overrides)
+    assert message in str(caught.value) or message in str(caught.value.__cause__)
+
+
+def test_each_sandbox_composes_to_its_own_schema():
+    from rlm_pipelines.config import DaytonaSandboxConfig, LocalSandboxConfig
+    from rlm_pipelines.pipeline import _typed
+
+    local = OmegaConf.to_object(composed("sandbox=local", "sandbox.memory_mb=512")).sandbox
+    assert isinstance(local, LocalSandboxConfig) and local.memory_mb == 512 and not hasattr(local, "daytona")
+    daytona = composed("sandbox=daytona", "sandbox.daytona.checkout=upload")
+    assert isinstance(OmegaConf.to_object(daytona).sandbox, DaytonaSandboxConfig)
+    again = _typed(OmegaConf.to_container(daytona, resolve=True)).sandbox  # as the pipeline reads it back
+    assert isinstance(again, DaytonaSandboxConfig) and again.daytona.checkout == "upload"
+

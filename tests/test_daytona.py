@@ -76,14 +76,14 @@ def test_clone_blocks_the_network_again_and_checks_out_the_commit(fake, tmp_path
 
 def test_a_locked_network_falls_back_to_uploading_the_repo(fake, tmp_path):
     from rlm_pipelines.engines.checkout import make_bundle, prepare_mirror
-    from rlm_pipelines.sandbox import SandboxStartError
+    from rlm_pipelines.sandbox import SandboxConfigError
 
     repo = build(tmp_path / "repo")
     mirror, commit = prepare_mirror(str(repo["path"]), None, None)
     bundle = make_bundle(mirror, str(tmp_path))
     fake.network_locked = True  # Daytona tiers 1-2: no runtime network changes
     with make_sandbox(daytona_config(fake, checkout="clone"), name="locked") as sandbox:
-        with pytest.raises(SandboxStartError, match="checkout=upload"):
+        with pytest.raises(SandboxConfigError, match="checkout=upload"):
             sandbox.clone("https://example.invalid/repo.git", "/workspace/repo", commit=commit, bundle=lambda: bundle)
     with make_sandbox(daytona_config(fake), name="locked") as sandbox:  # checkout: auto
         sandbox.clone("https://example.invalid/repo.git", "/workspace/repo", commit=commit, bundle=lambda: bundle)
@@ -180,10 +180,10 @@ def test_cleanup_deletes_orphans_by_label_only(fake, tmp_path):
 @pytest.mark.daytona
 @pytest.mark.skipif(not LIVE_KEY, reason="needs DAYTONA_API_KEY (a real Daytona account)")
 def test_live_daytona_sandbox_runs_a_repl_and_is_deleted():
-    from rlm_pipelines.config import SandboxConfig
+    from rlm_pipelines.config import DaytonaSandboxConfig
     from rlm_pipelines.sandbox.daytona import client
 
-    config = SandboxConfig(kind="daytona")
+    config = DaytonaSandboxConfig()
     config.labels = {"rlm-run": "live-test"}
     with make_sandbox(config, name="live") as sandbox:
         assert sandbox.run("python3 -c 'print(6*7)'") == (0, "42\n")

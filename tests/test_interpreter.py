@@ -5,7 +5,7 @@ import threading
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreter, CodeInterpreterError, FinalOutput
 
-from rlm_pipelines.config import ReplConfig, SandboxConfig
+from rlm_pipelines.config import LocalSandboxConfig, ReplConfig
 from rlm_pipelines.engines.interpreter import SandboxInterpreterFactory
 
 FIELDS = [{"name": "answer", "type": "str"}, {"name": "count", "type": "int"}]
@@ -13,7 +13,7 @@ FIELDS = [{"name": "answer", "type": "str"}, {"name": "count", "type": "int"}]
 
 @pytest.fixture
 def interp():
-    interpreter = SandboxInterpreterFactory(SandboxConfig(isolation="bwrap", repl=ReplConfig(cell_timeout_s=5)))()
+    interpreter = SandboxInterpreterFactory(LocalSandboxConfig(isolation="bwrap", repl=ReplConfig(cell_timeout_s=5)))()
     interpreter.output_fields = FIELDS
     yield interpreter
     interpreter.shutdown()

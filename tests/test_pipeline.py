@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 from omegaconf import OmegaConf
 
 from rlm_pipelines.orchestration.inprocess import run_steps
 from rlm_pipelines.pipeline import is_transient_infra
 from rlm_pipelines.models import ModelError
-from rlm_pipelines.sandbox import SandboxStartError
+from rlm_pipelines.sandbox import SandboxConfigError, SandboxStartError
 from tests.test_config import composed
 
 
@@ -46,6 +47,47 @@ def test_only_infrastructure_failures_are_retried(tmp_path):
         assert is_transient_infra(wrapped)
     assert not is_transient_infra(ModelError("model x failed: 401 invalid key"))
     assert not is_transient_infra(NameError("name 'docs' is not defined"))
+
+
+def test_a_sandbox_that_can_never_start_is_not_retried():
+    assert not is_transient_infra(SandboxConfigError("sandbox.isolation=bwrap but bwrap is not installed"))
+    try:
+        try:
+            raise SandboxConfigError("sandbox.daytona.checkout=clone but the network cannot be opened")
+        except SandboxConfigError as cause:
+            raise RuntimeError("cannot start the sandbox") from cause
+    except RuntimeError as wrapped:
+        assert not is_transient_infra(wrapped)
+    try:  # a start error caused by a setup that cannot work is not worth another try either
+        try:
+            raise SandboxConfigError("no bwrap")
+        except SandboxConfigError as cause:
+            raise SandboxStartError("cannot start") from cause
+    except SandboxStartError as wrapped:
+        assert not is_transient_infra(wrapped)
+
+
+def test_isolation_bwrap_without_bwrap_is_a_config_error(monkeypatch):
+    import shutil
+
+    from rlm_pipelines.config import LocalSandboxConfig
+    from rlm_pipelines.sandbox import check_sandbox, make_sandbox
+    from rlm_pipelines.sandbox import local
+
+    real_which = shutil.which
+    monkeypatch.setattr(local.shutil, "which", lambda name, *a, **k: None if name == "bwrap" else real_which(name))
+    local._bwrap_problem.cache_clear()
+    try:
+        with pytest.raises(SandboxConfigError, match="bwrap is not installed") as caught:
+            make_sandbox(LocalSandboxConfig(isolation="bwrap"))
+        assert not isinstance(caught.value, SandboxStartError) and not is_transient_infra(caught.value)
+        with pytest.raises(SandboxConfigError):
+            check_sandbox(LocalSandboxConfig(isolation="bwrap"))
+        with pytest.raises(SandboxConfigError, match="auto, bwrap or none"):
+            make_sandbox(LocalSandboxConfig(isolation="bubblewrap"))
+    finally:
+        monkeypatch.undo()
+        local._bwrap_problem.cache_clear()
 
 
 def test_a_sandbox_that_cannot_start_is_retried_then_recorded(tmp_path, capsys):

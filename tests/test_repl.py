@@ -4,13 +4,13 @@ import threading
 
 import pytest
 
-from rlm_pipelines.config import ReplConfig, SandboxConfig
+from rlm_pipelines.config import LocalSandboxConfig, ReplConfig
 from rlm_pipelines.sandbox.local import LocalSandbox
 
 
 @pytest.fixture(scope="module", params=["bwrap", "none"])
 def box(request):
-    with LocalSandbox(SandboxConfig(isolation=request.param, repl=ReplConfig(output_limit_chars=2000))) as sandbox:
+    with LocalSandbox(LocalSandboxConfig(isolation=request.param, repl=ReplConfig(output_limit_chars=2000))) as sandbox:
         yield sandbox
 
 

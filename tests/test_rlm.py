@@ -6,13 +6,13 @@ import threading
 import dspy
 import pytest
 
-from rlm_pipelines.config import ModelSpec, SandboxConfig
+from rlm_pipelines.config import LocalSandboxConfig, ModelSpec
 from rlm_pipelines.engines.document import SandboxRLM
 from rlm_pipelines.models import UsageLedger, build_dspy_lm
 from rlm_pipelines.models.scripted import Turn, TurnScript, register_script
 from tests.fakes.openai_server import OpenAIServer
 
-SANDBOX = SandboxConfig(isolation="bwrap")
+SANDBOX = LocalSandboxConfig(isolation="bwrap")
 DOCS = [f"Document {i}: the colour of box {i} is {'red' if i % 3 == 0 else 'blue'}." for i in range(40)]
 
 TURNS = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlm_pipelines.config import ReplConfig, SandboxConfig
+from rlm_pipelines.config import LocalSandboxConfig, ReplConfig
 from rlm_pipelines.sandbox import SandboxError
 from rlm_pipelines.sandbox.local import LocalSandbox, _bwrap_problem
 
@@ -45,7 +45,7 @@ def uid_processes(uid):
 @pytest.fixture(scope="module")
 def sandbox():
     os.environ["SECRET_API_KEY"] = "sk-planted-on-the-host"
-    box = LocalSandbox(SandboxConfig(isolation="bwrap", env={"GIVEN": "yes"}, pass_env=["RLM_PASSED"],
+    box = LocalSandbox(LocalSandboxConfig(isolation="bwrap", env={"GIVEN": "yes"}, pass_env=["RLM_PASSED"],
                                      repl=ReplConfig(cell_timeout_s=2, kill_grace_s=1)))
     os.environ["RLM_PASSED"] = "passed-through"
     with box:
@@ -97,7 +97,7 @@ def test_network_when_configured():
     accepted = []
     threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
     try:
-        with LocalSandbox(SandboxConfig(isolation="bwrap", network=True)) as box:
+        with LocalSandbox(LocalSandboxConfig(isolation="bwrap", network=True)) as box:
             result = box.open_repl().execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), 5)")
             assert result.error is None
     finally:
@@ -113,7 +113,7 @@ def test_memory_bomb_fails_inside_and_the_host_is_fine(sandbox, repl):
 
 
 def test_fork_bomb_is_contained_and_nothing_outlives_stop():
-    box = LocalSandbox(SandboxConfig(isolation="bwrap", max_processes=32))
+    box = LocalSandbox(LocalSandboxConfig(isolation="bwrap", max_processes=32))
     with box:
         repl = box.open_repl()
         result = repl.execute(
@@ -170,7 +170,7 @@ def test_paths_cannot_escape_the_sandbox(sandbox, repl):
 
 
 def test_background_processes_do_not_outlive_stop_and_stop_is_idempotent():
-    box = LocalSandbox(SandboxConfig(isolation="bwrap"))
+    box = LocalSandbox(LocalSandboxConfig(isolation="bwrap"))
     box.start()
     repl = box.open_repl()
     repl.execute("import subprocess; p = subprocess.Popen(['sleep', '1000'])")
@@ -204,8 +204,9 @@ def test_auto_falls_back_loudly_without_bwrap(tmp_path):
     for tool in ("prlimit", "env", "sh"):
         (bin_dir / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
     code = ("import warnings, os\nwarnings.simplefilter('always')\n"
-            "from rlm_pipelines.config import SandboxConfig\nfrom rlm_pipelines.sandbox.local import LocalSandbox\n"
-            "with LocalSandbox(SandboxConfig(isolation='auto')) as box:\n"
+            "from rlm_pipelines.config import LocalSandboxConfig\n"
+            "from rlm_pipelines.sandbox.local import LocalSandbox\n"
+            "with LocalSandbox(LocalSandboxConfig(isolation='auto')) as box:\n"
             "    print('ISOLATION', box.isolation)\n    print(box.open_repl().execute('print(6*7)').stdout)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT,
                           env={**os.environ, "PATH": str(bin_dir)}, timeout=60)

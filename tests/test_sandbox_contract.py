@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rlm_pipelines.config import ReplConfig, SandboxConfig
+from rlm_pipelines.config import LocalSandboxConfig, ReplConfig
 from rlm_pipelines.sandbox import SandboxError, make_sandbox
 from tests.conftest import FAKE_KEY_ENV, daytona_config
 
@@ -16,7 +16,7 @@ REPL = ReplConfig(cell_timeout_s=3, kill_grace_s=1, start_timeout_s=60)
 @pytest.fixture(scope="module", params=["local", "daytona"])
 def config(request):
     if request.param == "local":
-        return SandboxConfig(isolation="bwrap", repl=REPL)
+        return LocalSandboxConfig(isolation="bwrap", repl=REPL)
     return daytona_config(request.getfixturevalue("fake_daytona"), repl=REPL)
 
 

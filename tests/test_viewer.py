@@ -4,8 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from omegaconf import OmegaConf

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from rlm_pipelines.paths import cache_dir
+from rlm_pipelines.sandbox.base import REPO_DIR
 
 MIRROR_IN_SANDBOX = "/mirror"  # where agents see the mirror (read-only)
-REPO_IN_SANDBOX = "/workspace/repo"
 
 
 class CheckoutError(ValueError):
@@ -89,8 +89,8 @@ def clone_url(repo: str) -> str:
 def checkout_command(commit: str) -> str:
     """Shell command run inside an agent's sandbox to make its fresh checkout at `commit`."""
     # Writing the working tree is the cost (objects come from the mirror); parallel checkout halves it.
-    return (f"git clone --quiet --shared --no-checkout {MIRROR_IN_SANDBOX} {REPO_IN_SANDBOX} && "
-            f"cd {REPO_IN_SANDBOX} && git -c checkout.workers=0 -c checkout.thresholdForParallelism=100 "
+    return (f"git clone --quiet --shared --no-checkout {MIRROR_IN_SANDBOX} {REPO_DIR} && "
+            f"cd {REPO_DIR} && git -c checkout.workers=0 -c checkout.thresholdForParallelism=100 "
             f"checkout --quiet --detach {commit}")
 
 

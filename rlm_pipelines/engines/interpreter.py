@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import threading
 from typing import Any, Callable, Optional
 
@@ -28,7 +27,7 @@ from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreter
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
 from rlm_pipelines.repl.session import ReplError, ReplSession
-from rlm_pipelines.sandbox import SandboxError, SandboxStartError, make_sandbox
+from rlm_pipelines.sandbox import SandboxConfigError, SandboxError, SandboxStartError, describe, make_sandbox
 from rlm_pipelines.sandbox.base import Sandbox
 
 _IMMUTABLE = (str, bytes, int, float, bool, type(None), tuple, frozenset)
@@ -66,8 +65,10 @@ class SandboxInterpreter:
                     self.on_start(self.sandbox.id)
             except (SandboxError, ReplError, OSError) as exc:
                 self._stop_sandbox()
-                # A sandbox that cannot start is an infrastructure failure: the pipeline may retry its step.
                 error = CodeInterpreterError(f"cannot start the sandbox: {exc}")
+                if isinstance(exc, SandboxConfigError):  # set up so it can never start: not retried
+                    raise error from exc
+                # A sandbox that cannot start is an infrastructure failure: the pipeline may retry its step.
                 raise error from SandboxStartError(str(exc))
 
     def shutdown(self) -> None:
@@ -162,13 +163,8 @@ class SandboxInterpreterFactory:
     @property
     def execution_instructions(self) -> str:
         cfg = self.config
-        isolated = cfg.kind != "local" or cfg.isolation != "none"
-        local = cfg.kind == "local"
         return prompts.load("sandbox_instructions").format(
-            python=platform.python_version() if local else "3",  # a remote sandbox has its own Python
-            isolation="bubblewrap" if local and isolated else cfg.kind if isolated else "NOT isolated",
-            workdir=(cfg.daytona.workdir if cfg.kind == "daytona" else "/workspace") if isolated
-            else "the working directory",
+            **describe(cfg),  # python, isolation, workdir: as the backend offers them
             network="The network is reachable." if cfg.network else "There is no network access.",
             tools="llm_query, llm_query_batched and any listed tools",
             timeout=f"{cfg.repl.cell_timeout_s:g}",

@@ -28,7 +28,7 @@ from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines import checkout, prompts
 from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.models import LLMClient, ModelError, Usage
-from rlm_pipelines.sandbox import SandboxStartError, can_fork, make_sandbox
+from rlm_pipelines.sandbox import REPO_DIR, SandboxStartError, SupportsClone, SupportsSeed, can_fork, make_sandbox
 from rlm_pipelines.tasks import RepoTask
 from rlm_pipelines.text import clip
 
@@ -159,12 +159,10 @@ class RepoRun:
             self._template.stop()
 
     def _checkout(self, sandbox: Any, depth: int) -> None:
-        clone = getattr(sandbox, "clone", None)
-        if clone is not None:  # a remote sandbox cannot see the mirror: the provider clones the repo itself
-            clone(self.url, checkout.REPO_IN_SANDBOX, commit=self.commit, bundle=self.bundle)
+        if isinstance(sandbox, SupportsClone):  # a remote sandbox cannot see the mirror: it clones the repo itself
+            sandbox.clone(self.url, REPO_DIR, commit=self.commit, bundle=self.bundle)
             return
-        seed = getattr(sandbox, "seed", None)
-        if depth > 0 and seed is not None and seed(self.base(), checkout.REPO_IN_SANDBOX):
+        if depth > 0 and isinstance(sandbox, SupportsSeed) and sandbox.seed(self.base(), REPO_DIR):
             return
         code, out = sandbox.run(checkout.checkout_command(self.commit), timeout=600)
         if code != 0:
@@ -251,7 +249,7 @@ class Agent:
             run._live.add(session)
         try:
             session.register(self._tools(), final=True)
-            session.set_vars({"task": self.task, "depth": self.depth})
+            session.set_vars({"task": self.task, "depth": self.depth, "REPO": REPO_DIR})
             session.execute(HELPERS)
             system = prompts.load("repo_system").format(
                 depth=self.depth, max_depth=limits.max_depth, cell_timeout=f"{run.cfg.sandbox.repl.cell_timeout_s:g}",
@@ -322,7 +320,7 @@ class Agent:
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
         patch = b""
         if self.depth == 0:  # the root's changes, new files included, as a binary-safe diff
-            code, out = self.sandbox.run(f"cd {checkout.REPO_IN_SANDBOX} && git add -A && git diff --cached "
+            code, out = self.sandbox.run(f"cd {REPO_DIR} && git add -A && git diff --cached "
                                          f"--binary {self.shared.commit} > /tmp/rlm.patch", timeout=120)
             if code != 0:
                 raise RuntimeError(f"could not make the patch: {out.strip()[-500:]}")

@@ -1,13 +1,13 @@
 """Helpers defined in every repo agent's REPL (this file's text runs there; stdlib only).
 
 `sh` runs shell commands (grep, git, nl ...) in the checkout; `edit_file` makes exact, checked edits.
+`REPO` (the checkout's path inside the sandbox) is set by the engine before this runs: the text cannot
+import the project.
 """
 
 import ast as _ast
 import os as _os
 import subprocess as _subprocess
-
-REPO = "/workspace/repo"
 
 
 def sh(command, timeout=60):

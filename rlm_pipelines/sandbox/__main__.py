@@ -13,7 +13,6 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlm_pipelines.sandbox",
                                      description="Commands for the sandboxes runs make.")
@@ -33,12 +32,14 @@ def _parser() -> argparse.ArgumentParser:
 def cleanup(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from rlm_pipelines.config import SandboxConfig
+    from rlm_pipelines.config import DaytonaSandboxConfig
     from rlm_pipelines.paths import conf_dir
     from rlm_pipelines.sandbox.daytona import OWNER_LABEL, MissingDaytonaKey, list_sandboxes
 
     source = OmegaConf.load(args.config or conf_dir() / "sandbox" / "daytona.yaml")
-    config: SandboxConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SandboxConfig), source))  # type: ignore
+    source.pop("defaults", None)  # the built-in yaml names its schema for Hydra; this is that schema
+    config: DaytonaSandboxConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(DaytonaSandboxConfig), source))  # type: ignore
     labels = {OWNER_LABEL: "1", **({"rlm-run": args.run} if args.run else {}),
               **({"rlm-task": args.task} if args.task else {})}
     try:

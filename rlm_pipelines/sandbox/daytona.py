@@ -29,11 +29,11 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from rlm_pipelines.config import DaytonaOptions, SandboxConfig
+from rlm_pipelines.config import DaytonaOptions, DaytonaSandboxConfig
 from rlm_pipelines.repl.http import HttpTransport
 from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
-from rlm_pipelines.sandbox.base import SandboxError, SandboxStartError
+from rlm_pipelines.sandbox.base import BaseSandbox, SandboxConfigError, SandboxError, SandboxStartError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,11 @@ _clients: dict[tuple[str, Optional[str], Optional[str]], Any] = {}
 _clients_lock = threading.Lock()
 
 
-class MissingDaytonaKey(ValueError):
+class MissingDaytonaKey(SandboxConfigError):
     """sandbox=daytona cannot work here (no key, no SDK); the message says what to do."""
+
+
+NO_SDK = "sandbox=daytona needs the Daytona SDK: pip install 'rlm-pipelines[daytona]'"
 
 
 def api_key(options: DaytonaOptions) -> str:
@@ -63,16 +66,19 @@ def check(options: DaytonaOptions) -> None:
     import importlib.util
 
     if importlib.util.find_spec("daytona") is None:
-        raise MissingDaytonaKey("sandbox=daytona needs the Daytona SDK: pip install 'rlm-pipelines[daytona]'")
+        raise MissingDaytonaKey(NO_SDK)
     if options.checkout not in ("auto", "clone", "upload"):
-        raise ValueError(f"sandbox.daytona.checkout must be auto, clone or upload, not {options.checkout!r}")
+        raise SandboxConfigError(f"sandbox.daytona.checkout must be auto, clone or upload, not {options.checkout!r}")
     api_key(options)
 
 
 def client(options: DaytonaOptions) -> Any:
     """One SDK client per API URL and key for the whole process (it holds a connection pool)."""
     key = api_key(options)
-    from daytona import Daytona, DaytonaConfig
+    try:
+        from daytona import Daytona, DaytonaConfig
+    except ImportError as exc:
+        raise MissingDaytonaKey(NO_SDK) from exc
 
     url = options.api_url or os.environ.get("DAYTONA_API_URL") or None
     with _clients_lock:
@@ -91,42 +97,45 @@ def list_sandboxes(options: DaytonaOptions, labels: dict[str, str]) -> Any:
     return daytona.list(ListSandboxesQuery(labels=labels))
 
 
-class DaytonaSandbox:
-    def __init__(self, config: Optional[SandboxConfig] = None, name: str = "sbx",
+class DaytonaSandbox(BaseSandbox):
+    config_class = DaytonaSandboxConfig
+
+    def __init__(self, config: Optional[DaytonaSandboxConfig] = None, name: str = "sbx",
                  mounts: Optional[dict[str, str]] = None):
         """`mounts` cannot reach a cloud sandbox and are not used: repo checkouts come through `clone()`."""
-        self.config = config or SandboxConfig(kind="daytona")
+        super().__init__(config or DaytonaSandboxConfig(), name)
         self.options = self.config.daytona
-        self.name = name
         self.id = f"{name}-unstarted"
         self.workdir = self.options.workdir
         self.sdk: Any = None  # the SDK's Sandbox once started
-        self._lock = threading.Lock()
-        self._stopped = False
-        self._repls: list[ReplSession] = []
         self._ports = itertools.count(self.options.repl_port)
         self._server_ready = False
 
+    @classmethod
+    def describe(cls, config: DaytonaSandboxConfig) -> dict[str, str]:
+        # The sandbox's Python is whatever its snapshot or image has.
+        return {"python": "3", "isolation": "daytona", "workdir": config.daytona.workdir}
+
+    @classmethod
+    def check(cls, config: DaytonaSandboxConfig) -> None:
+        check(config.daytona)
+
     # -- lifecycle
 
-    def start(self) -> None:
-        with self._lock:
-            if self.sdk is not None:
-                return
-            if self._stopped:
-                raise SandboxError(f"sandbox {self.id} was stopped; create a new one")
-            self.sdk = self._create()
-            self.id = self.sdk.id
-            _LIVE.add(self)
-        try:
-            self._must("mkdir -p {w} 2>/dev/null || {{ sudo -n mkdir -p {w} && sudo -n chown \"$(id -u)\" {w}; }}"
-                       .format(w=shlex.quote(self.workdir)), "/", "make the work directory")
-        except Exception:
-            self.stop()
-            raise
+    def _create(self) -> None:
+        self.sdk = self._new_sdk_sandbox()
+        self.id = self.sdk.id
+        _LIVE.add(self)
 
-    def _create(self) -> Any:
-        from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources
+    def _prepare(self) -> None:
+        self._must("mkdir -p {w} 2>/dev/null || {{ sudo -n mkdir -p {w} && sudo -n chown \"$(id -u)\" {w}; }}"
+                   .format(w=shlex.quote(self.workdir)), "/", "make the work directory")
+
+    def _new_sdk_sandbox(self) -> Any:
+        try:
+            from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources
+        except ImportError as exc:
+            raise MissingDaytonaKey(NO_SDK) from exc
 
         o, cfg = self.options, self.config
         blocked = not cfg.network
@@ -155,13 +164,11 @@ class DaytonaSandbox:
                 _delete_quietly(daytona, leaked)
             raise SandboxStartError(f"Daytona could not create a sandbox: {exc}") from exc
 
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-            repls, self._repls = self._repls, []
-            sdk, self.sdk = self.sdk, None
-        for repl in repls:
-            repl.close()
+    def _detach(self) -> Any:
+        sdk, self.sdk = self.sdk, None
+        return sdk
+
+    def _release(self, sdk: Any) -> None:
         if sdk is not None:
             try:
                 sdk.delete(timeout=60)
@@ -170,13 +177,6 @@ class DaytonaSandbox:
                     log.warning("could not delete Daytona sandbox %s (%s); `python -m rlm_pipelines.sandbox "
                                 "cleanup` deletes it, and its TTL ends it anyway", sdk.id, exc)
         _LIVE.discard(self)
-
-    def __enter__(self) -> "DaytonaSandbox":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- commands and files
 
@@ -238,13 +238,13 @@ class DaytonaSandbox:
             try:
                 return self._clone(url, path, branch, commit)
             except _NetworkLocked as exc:
-                if mode == "clone" or bundle is None:
-                    raise SandboxStartError(
+                if mode == "clone" or bundle is None:  # the account's tier decides: another try cannot help
+                    raise SandboxConfigError(
                         f"Daytona refused to open sandbox {self.id}'s network for the clone ({exc}): set "
                         f"sandbox.daytona.checkout=upload (or auto), or sandbox.network=true") from exc
                 log.info("sandbox %s cannot open its network for a clone (%s): uploading the repo", self.id, exc)
         if bundle is None:
-            raise SandboxError("sandbox.daytona.checkout=upload needs the repo as a bundle; none was given")
+            raise SandboxConfigError("sandbox.daytona.checkout=upload needs the repo as a bundle; none was given")
         self._checkout_bundle(bundle(), path, commit)
 
     def _clone(self, url: str, path: str, branch: Optional[str], commit: Optional[str]) -> None:
@@ -284,7 +284,7 @@ class DaytonaSandbox:
             child.sdk = sdk.fork(timeout=self.options.create_timeout_s)
         except Exception as exc:
             raise SandboxStartError(f"Daytona could not fork sandbox {self.id}: {exc}") from exc
-        child.id = child.sdk.id
+        child.id, child._started = child.sdk.id, True
         _LIVE.add(child)
         try:
             child.sdk.set_labels({OWNER_LABEL: "1", **self.config.labels, "rlm-agent": name})
@@ -327,10 +327,7 @@ class DaytonaSandbox:
             self.upload(f"{RLM_DIR}/{name}", data)
             return f"{RLM_DIR}/{name}"
 
-        session = ReplSession(spawn, self.config.repl, stage=stage)
-        with self._lock:
-            self._repls.append(session)
-        return session
+        return self._keep_repl(ReplSession(spawn, self.config.repl, stage=stage))
 
 
 class _NetworkLocked(Exception):

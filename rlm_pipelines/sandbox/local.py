@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import select
 import signal
 import random
@@ -22,23 +23,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import uuid
 import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from rlm_pipelines.config import SandboxConfig
+from rlm_pipelines.config import LocalSandboxConfig
 from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
 from rlm_pipelines.repl.stdio import StdioTransport
-from rlm_pipelines.sandbox.base import SandboxError, SandboxStartError
+from rlm_pipelines.sandbox.base import WORKSPACE, BaseSandbox, SandboxConfigError, SandboxError, SandboxStartError
 from rlm_pipelines.text import clip_bytes
 
 log = logging.getLogger(__name__)
 
-WORKDIR = "/workspace"
 # /etc entries programs need to run; nothing with secrets. resolv.conf/hosts only with network.
 ETC_FILES = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf",
              "ssl", "ca-certificates", "mime.types")
@@ -46,69 +44,64 @@ ETC_NETWORK = ("resolv.conf", "hosts", "gai.conf")
 OUTPUT_CAP = 8 * 1024 * 1024  # run() output kept in host memory, at most
 
 
-class LocalSandbox:
-    def __init__(self, config: Optional[SandboxConfig] = None, name: str = "sbx",
+class LocalSandbox(BaseSandbox):
+    config_class = LocalSandboxConfig
+
+    def __init__(self, config: Optional[LocalSandboxConfig] = None, name: str = "sbx",
                  mounts: Optional[dict[str, str]] = None):
         """`mounts`: host path -> path inside, bound read-only (e.g. a repo mirror to clone from)."""
-        self.config = config or SandboxConfig()
+        super().__init__(config or LocalSandboxConfig(), name)
         self.mounts = dict(mounts or {})
-        self.id = f"{name}-{uuid.uuid4().hex[:8]}"
         self.isolation = _resolve_isolation(self.config.isolation)
-        self.workdir = WORKDIR
         self.root: Optional[Path] = None
         self._uid: Optional[int] = None
         self._procs: set[subprocess.Popen] = set()
-        self._repls: list[ReplSession] = []
-        self._lock = threading.Lock()
-        self._stopped = False
+
+    @classmethod
+    def describe(cls, config: LocalSandboxConfig) -> dict[str, str]:
+        isolated = config.isolation == "bwrap" or (config.isolation == "auto" and _bwrap_problem() is None)
+        return {"python": platform.python_version() if config.python is None else "3",
+                "isolation": "bubblewrap" if isolated else "NOT isolated",
+                "workdir": WORKSPACE if isolated else "the working directory"}
+
+    @classmethod
+    def check(cls, config: LocalSandboxConfig) -> None:
+        _check_isolation(config.isolation)
 
     # -- lifecycle
 
-    def start(self) -> None:
-        with self._lock:
-            if self.root is not None:
-                return
-            if self._stopped:
-                raise SandboxError(f"sandbox {self.id} was stopped; create a new one")
-            base = self.config.root_dir or None
-            if base:
-                os.makedirs(base, exist_ok=True)
-            root = Path(tempfile.mkdtemp(prefix=f"rlm-{self.id}-", dir=base))
-            for sub in ("workspace", "tmp", "etc"):
-                (root / sub).mkdir(mode=0o700)
-            if self.isolation == "none":
-                self.workdir = str(root / "workspace")
-            elif os.geteuid() == 0:
-                self._uid = random.randint(200_000, 1_200_000)
-                for sub in ("workspace", "tmp"):
-                    os.chown(root / sub, self._uid, self._uid)
-            user = self._uid if self._uid is not None else os.getuid()
-            (root / "etc" / "passwd").write_text(f"root:x:0:0::/root:/bin/sh\nsandbox:x:{user}:{user}::"
-                                                 f"{WORKDIR}:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-            (root / "etc" / "group").write_text(f"root:x:0:\nsandbox:x:{user}:\nnogroup:x:65534:\n")
-            # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
-            (root / "etc" / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
-            self.root = root
+    def _create(self) -> None:
+        base = self.config.root_dir or None
+        if base:
+            os.makedirs(base, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=f"rlm-{self.id}-", dir=base))
+        for sub in ("workspace", "tmp", "etc"):
+            (root / sub).mkdir(mode=0o700)
+        if self.isolation == "none":
+            self.workdir = str(root / "workspace")
+        elif os.geteuid() == 0:
+            self._uid = random.randint(200_000, 1_200_000)
+            for sub in ("workspace", "tmp"):
+                os.chown(root / sub, self._uid, self._uid)
+        user = self._uid if self._uid is not None else os.getuid()
+        (root / "etc" / "passwd").write_text(f"root:x:0:0::/root:/bin/sh\nsandbox:x:{user}:{user}::"
+                                             f"{WORKSPACE}:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
+        (root / "etc" / "group").write_text(f"root:x:0:\nsandbox:x:{user}:\nnogroup:x:65534:\n")
+        # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
+        (root / "etc" / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
+        self.root = root
 
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-            repls, self._repls = self._repls, []
-            procs, self._procs = set(self._procs), set()
-            root, self.root = self.root, None
-        for repl in repls:
-            repl.close()
+    def _detach(self) -> tuple[set[subprocess.Popen], Optional[Path]]:
+        procs, self._procs = set(self._procs), set()
+        root, self.root = self.root, None
+        return procs, root
+
+    def _release(self, resources: tuple[set[subprocess.Popen], Optional[Path]]) -> None:
+        procs, root = resources
         for proc in procs:
             _kill(proc)
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
-
-    def __enter__(self) -> "LocalSandbox":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- processes
 
@@ -132,14 +125,14 @@ class LocalSandbox:
         argv += _system_mounts(cfg.network)
         # The sandbox's own /workspace and /tmp first: the Python install is bound after them, so an
         # interpreter that lives under /tmp (a CI venv) stays visible instead of hidden by the private /tmp.
-        argv += ["--bind", str(root / "workspace"), WORKDIR, "--bind", str(root / "tmp"), "/tmp"]
+        argv += ["--bind", str(root / "workspace"), WORKSPACE, "--bind", str(root / "tmp"), "/tmp"]
         for prefix in sorted({sys.base_prefix, sys.prefix, str(Path(self._python()).resolve().parent.parent)}):
             argv += ["--ro-bind", prefix, prefix]
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
-                 "--proc", "/proc", "--dev", "/dev", "--chdir", os.path.normpath(os.path.join(WORKDIR, cwd or "."))]
+                 "--proc", "/proc", "--dev", "/dev", "--chdir", os.path.normpath(os.path.join(WORKSPACE, cwd or "."))]
         for host, inside in self.mounts.items():
             argv += ["--ro-bind", host, inside]
         for key, value in env.items():
@@ -207,22 +200,19 @@ class LocalSandbox:
             self.upload(path, data)
             return path
 
-        session = ReplSession(spawn, self.config.repl, stage=stage)
-        with self._lock:
-            self._repls.append(session)
-        return session
+        return self._keep_repl(ReplSession(spawn, self.config.repl, stage=stage))
 
     # -- files (through the host's view of the workspace, so no process is started)
 
-    def seed(self, host_dir: Path, path: str) -> bool:
-        """Make `path` (inside) a hardlinked copy of `host_dir` in milliseconds, whatever its size: the
+    def seed(self, base: Path, path: str) -> bool:
+        """Make `path` (inside) a hardlinked copy of `base` (a host folder) in milliseconds, whatever its size: the
         directories are the sandbox's own, the files are shared read-only (changing one means replacing it,
         which leaves the shared copy alone). Only where the sandbox runs as a uid of its own; returns False
         where it cannot (then copy the slow way)."""
         if self._uid is None:  # same uid as the host user: shared files would be writable in place
             return False
         target = self._host_path(path)
-        done = subprocess.run(["cp", "-al", str(host_dir), str(target)], capture_output=True, text=True)
+        done = subprocess.run(["cp", "-al", str(base), str(target)], capture_output=True, text=True)
         if done.returncode != 0:
             shutil.rmtree(target, ignore_errors=True)
             return False
@@ -272,7 +262,7 @@ class LocalSandbox:
         return self.config.python or sys.executable
 
 
-def _environment(cfg: SandboxConfig, workdir: str, tmpdir: str) -> dict[str, str]:
+def _environment(cfg: LocalSandboxConfig, workdir: str, tmpdir: str) -> dict[str, str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8",
            "GIT_AUTHOR_NAME": "rlm-agent", "GIT_AUTHOR_EMAIL": "agent@rlm.invalid",
@@ -348,12 +338,17 @@ def _bwrap_problem() -> Optional[str]:
     return None if result.returncode == 0 else f"bwrap cannot create namespaces here: {result.stderr.strip()}"
 
 
-def _resolve_isolation(isolation: str) -> str:
+def _check_isolation(isolation: str) -> None:
+    """Raise `SandboxConfigError` for an isolation this host can never give."""
     if isolation not in ("auto", "bwrap", "none"):
-        raise ValueError(f"sandbox.isolation must be auto, bwrap or none, not {isolation!r}")
+        raise SandboxConfigError(f"sandbox.isolation must be auto, bwrap or none, not {isolation!r}")
+    if isolation == "bwrap" and _bwrap_problem():
+        raise SandboxConfigError(f"sandbox.isolation=bwrap but {_bwrap_problem()}")
+
+
+def _resolve_isolation(isolation: str) -> str:
+    _check_isolation(isolation)
     if isolation != "auto":
-        if isolation == "bwrap" and _bwrap_problem():
-            raise SandboxStartError(f"sandbox.isolation=bwrap but {_bwrap_problem()}")
         return isolation
     problem = _bwrap_problem()
     if problem is None:

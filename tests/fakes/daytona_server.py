@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlparse
 
 import http.client
 
-from rlm_pipelines.config import SandboxConfig
+from rlm_pipelines.config import LocalSandboxConfig
 from rlm_pipelines.sandbox.local import LocalSandbox
 
 AGENT = Path(__file__).resolve().with_name("daytona_agent.py")
@@ -69,7 +69,7 @@ class FakeSandbox:
         self.network_history: list[dict[str, Any]] = []
         self.token = secrets.token_urlsafe(16)
         self.created_at = datetime.now(timezone.utc).isoformat()
-        self.box = LocalSandbox(SandboxConfig(isolation="bwrap", network=False, env=request.get("env") or {},
+        self.box = LocalSandbox(LocalSandboxConfig(isolation="bwrap", network=False, env=request.get("env") or {},
                                               root_dir=str(root), memory_mb=4096),
                                 name="fake-daytona", mounts={str(AGENT.parent): "/.fake"})
         self.box.start()
