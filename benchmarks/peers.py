@@ -76,7 +76,7 @@ def _ours(name: str, about: str, config: Any) -> Peer | None:
 
     def llm_tools(sub_lm: Any) -> dict[str, Callable]:
         try:  # our RLM subclass (a wider fan-out); dspy's wiring at that width until it imports
-            from rlm_pipelines.engines.document import SandboxRLM
+            from rlm_pipelines.engines.rlm import SandboxRLM
 
             rlm = SandboxRLM("q -> a", sub_lm=sub_lm, max_llm_calls=1_000_000, sandbox=config,
                              batch_concurrency=OUR_BATCH_CONCURRENCY)

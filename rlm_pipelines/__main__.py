@@ -70,6 +70,9 @@ def main() -> None:
         except UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             codes.append(2)
+        except KeyboardInterrupt:  # before the run started: nothing to record
+            print("cancelled before the run started", file=sys.stderr)
+            codes.append(130)
 
     app()
     sys.exit(max(codes, default=0))

@@ -7,7 +7,7 @@ import dspy
 import pytest
 
 from rlm_pipelines.config import LocalSandboxConfig, ModelSpec
-from rlm_pipelines.engines.document import SandboxRLM
+from rlm_pipelines.engines.rlm import SandboxRLM
 from rlm_pipelines.models import UsageLedger, build_dspy_lm
 from rlm_pipelines.models.scripted import Turn, TurnScript, register_script
 from tests.fakes.openai_server import OpenAIServer

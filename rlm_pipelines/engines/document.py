@@ -1,137 +1,15 @@
-"""The document engine (`DocumentEngine`): `dspy.RLM` over our sandbox interpreter.
-
-`SandboxRLM` is dspy's RLM with what a real run needs:
-- `llm_query_batched` fans out with `batch_concurrency` workers (dspy fixes 8, which makes a 64-prompt
-  batch eight round trips long); the call budget is still reserved for the whole batch at once, atomically.
-- a model reply that cannot be parsed into `reasoning` + `code` becomes an observation the model sees on
-  its next turn, instead of an exception that ends the run.
-- an optional `Observer` sees every iteration and every `llm_query` (the run tree, the console), and may
-  stop the run between iterations when a budget is spent.
+"""The document engine: a task's inputs, built on the host, go once into one sandbox where `dspy.RLM`
+(`rlm.py`: `SandboxRLM` over `interpreter.py`) works through them; the signature's outputs are the result.
+This module is cheap to import (dspy is loaded when a run starts), so input checks can ask it what it runs.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any
 
-import dspy
-from dspy.utils.exceptions import AdapterParseError
-
-from rlm_pipelines.config import SandboxConfig
-from rlm_pipelines.engines import prompts
 from rlm_pipelines.engines.base import EngineResult
-from rlm_pipelines.engines.interpreter import SandboxInterpreterFactory
 from rlm_pipelines.tasks import DocumentTask
-from rlm_pipelines.models import Usage
-from rlm_pipelines.text import clip
-
-
-class Observer(Protocol):
-    def before_iteration(self, index: int) -> None:
-        """Raise to stop the run (e.g. a budget is spent)."""
-
-    def after_iteration(self, index: int, step: dict[str, Any], duration_s: float) -> None: ...
-
-    def before_sub_calls(self, count: int) -> None:
-        """Raise to refuse the calls; the model sees the message."""
-
-    def sub_calls(self, prompts: list[str], answers: list[str]) -> None: ...
-
-    def fan_out(self, total: int) -> Any:
-        """A context manager around a batch (the console shows a progress bar)."""
-
-
-class SandboxRLM(dspy.RLM):
-    def __init__(self, signature: Any, *, sandbox: Optional[SandboxConfig] = None, batch_concurrency: int = 32,
-                 interpreter_factory: Optional[Callable[[], Any]] = None, observer: Optional[Observer] = None,
-                 **kwargs: Any):
-        factory = interpreter_factory or SandboxInterpreterFactory(sandbox or SandboxConfig())
-        super().__init__(signature, interpreter_factory=factory, **kwargs)
-        self.batch_concurrency = batch_concurrency
-        self.observer = observer
-
-    def _make_llm_tools(self, budget: Any = None, max_workers: int = 8) -> dict[str, Callable]:
-        tools = super()._make_llm_tools(budget, max_workers=max(max_workers, self.batch_concurrency))
-        observer = self.observer
-        if observer is None:
-            return tools
-        query, batched = tools["llm_query"], tools["llm_query_batched"]
-
-        def llm_query(prompt: str) -> str:
-            """Query the LLM with a prompt string."""
-            observer.before_sub_calls(1)
-            answer = query(prompt)
-            observer.sub_calls([prompt], [answer])
-            return answer
-
-        def llm_query_batched(prompts: list[str]) -> list[str]:
-            """Query prompts concurrently; one answer per prompt, in order."""
-            observer.before_sub_calls(len(prompts))
-            with observer.fan_out(len(prompts)):
-                answers = batched(prompts)
-            observer.sub_calls(list(prompts), answers)
-            return answers
-
-        return {"llm_query": llm_query, "llm_query_batched": llm_query_batched}
-
-    def _execute_iteration(self, repl: Any, variables: Any, history: Any, iteration: int, *args: Any,
-                           **kwargs: Any) -> Any:
-        if self.observer is not None:
-            self.observer.before_iteration(iteration)
-        started = time.perf_counter()
-        try:
-            result = super()._execute_iteration(repl, variables, history, iteration, *args, **kwargs)
-        except AdapterParseError as exc:
-            detail = f"the reply was: {clip(exc.lm_response or '', 300)!r}"
-            result = history.append(reasoning="", code="", output=prompts.load("no_code").format(detail=detail))
-        if self.observer is not None:
-            steps = result.trajectory if isinstance(result, dspy.Prediction) else [e.model_dump() for e in result]
-            self.observer.after_iteration(iteration, steps[-1], time.perf_counter() - started)
-        return result
-
-
-class TreeObserver:
-    """Connects a SandboxRLM to the run tree, the console and the run's budget."""
-
-    def __init__(self, tree: Any, agent_id: str, budget: Any, progress: Any, root_lm: Any, max_iters: int):
-        self.tree, self.agent_id, self.budget, self.progress = tree, agent_id, budget, progress
-        self.root_lm, self.max_iters = root_lm, max_iters
-        self._seen = Usage()  # the run's totals after the previous iteration
-
-    def before_iteration(self, index: int) -> None:
-        self.budget.check()
-
-    def after_iteration(self, index: int, step: dict[str, Any], duration_s: float) -> None:
-        call = self.root_lm.last_call()
-        output = step.get("output", "")
-        usage = self.budget.ledger.snapshot()
-        failed = output.startswith("[Error]") or "Traceback (most recent call last)" in output
-        totals = Usage.from_snapshot(usage)
-        self.tree.set_usage(totals.as_tree())
-        # this iteration's calls: the agent's own turn and the llm_query calls its code made
-        delta, self._seen = totals.minus(self._seen), totals
-        self.tree.add_iteration(self.agent_id, prompt=_render(call.get("messages")),
-                                response=_first(call.get("outputs")), reasoning=step.get("reasoning", ""),
-                                code=step.get("code", ""), stdout=output, stderr=None,
-                                error=output if failed else None, duration_s=round(duration_s, 3),
-                                usage=delta.as_tree())
-        self.progress.iteration(self.tree.run["task"], index + 1, self.max_iters, duration_s, usage,
-                                "error" if failed else "ok")
-
-    def before_sub_calls(self, count: int) -> None:
-        from rlm_pipelines.budget import BudgetExceeded
-
-        try:
-            self.budget.check()
-        except BudgetExceeded as exc:
-            raise RuntimeError(f"no more llm_query calls: {exc}") from None
-
-    def sub_calls(self, prompts_: list[str], answers: list[str]) -> None:
-        for prompt, answer in zip(prompts_, answers):
-            self.tree.add_llm_call(self.agent_id, prompt, answer)
-
-    def fan_out(self, total: int) -> Any:
-        return self.progress.fan_out(f"llm_query_batched x {total}", total)
 
 
 class DocumentEngine:
@@ -152,6 +30,10 @@ class DocumentEngine:
         return sizes
 
     def run(self, run: Any) -> EngineResult:
+        import dspy
+
+        from rlm_pipelines.engines.interpreter import SandboxInterpreterFactory
+        from rlm_pipelines.engines.rlm import SandboxRLM, TreeObserver
         from rlm_pipelines.models import build_dspy_lm, sub_spec
 
         task, cfg, tree, budget = run.task, run.cfg, run.tree, run.budget
@@ -173,16 +55,3 @@ class DocumentEngine:
         with dspy.context(lm=root_lm):
             prediction = rlm(**run.inputs)
         return EngineResult({name: getattr(prediction, name) for name in signature.output_fields})
-
-
-def _render(messages: Any) -> Optional[str]:
-    if not messages:
-        return None
-    return "\n\n".join(f"[{m.get('role', '?')}]\n{m.get('content', '')}" for m in messages if isinstance(m, dict))
-
-
-def _first(outputs: Any) -> Optional[str]:
-    if isinstance(outputs, list) and outputs:
-        first = outputs[0]
-        return first.get("text") if isinstance(first, dict) else str(first)
-    return None
