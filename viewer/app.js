@@ -1,17 +1,24 @@
 // rlm-pipelines run viewer: a static page over the data the pipeline writes beside it (data.js sets
-// window.RLM_DATA). No build step, no CDN: it opens from disk.
+// window.RLM_DATA). No build step, no CDN: it opens from disk. Every value in the data is hostile: it reaches
+// the page through esc() (text and quoted attributes) or textContent, and class names through a whitelist.
 "use strict";
 
 const KNOWN_SCHEMA = "rlm-pipelines/run@1";
 const DEPTH_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"];
+const STATUSES = ["ok", "error", "running", "timeout", "budget_exceeded", "cancelled"];
 
 const data = window.RLM_DATA || null;
 const $ = (id) => document.getElementById(id);
-const nodes = {};
+const nodes = Object.create(null);  // by id; no prototype, so an id such as "__proto__" is just a key
 
 function esc(text) {
-  return String(text ?? "").replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+  return String(text ?? "").replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+    .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
 }
+
+const list = (x) => (Array.isArray(x) ? x : []);
+const statusClass = (status) => (STATUSES.includes(status) ? status : "unknown");
+const colour = (depth) => DEPTH_COLOURS[Math.abs(Math.trunc(Number(depth) || 0)) % DEPTH_COLOURS.length];
 
 function highlightPython(code) {
   // one pass over the raw code: comments, strings, keywords and numbers become spans, the rest is escaped
@@ -29,15 +36,15 @@ function block(label, text, cls = "", open = false, html = null) {
   if (text === null || text === undefined || text === "") return "";
   const big = String(text).length > 2000;
   const body = `<pre class="${cls}">${html ?? esc(text)}</pre>`;
-  return `<details class="text" ${open && !big ? "open" : ""}><summary>${label} (${String(text).length} chars)</summary>${body}</details>`;
+  return `<details class="text" ${open && !big ? "open" : ""}><summary>${esc(label)} (${String(text).length} chars)</summary>${body}</details>`;
 }
 
 function money(x) { return "$" + Number(x || 0).toFixed(4); }
 
 function stats(run) {
   const agents = Object.values(nodes).filter((n) => n.kind === "agent");
-  const iterations = agents.reduce((s, n) => s + n.iterations.length, 0);
-  const maxDepth = agents.reduce((m, n) => Math.max(m, n.depth), 0);
+  const iterations = agents.reduce((s, n) => s + list(n.iterations).length, 0);
+  const maxDepth = agents.reduce((m, n) => Math.max(m, Number(n.depth) || 0), 0);
   const u = run.usage || {};
   const items = [["status", run.status], ["agents", agents.length], ["max depth", maxDepth], ["iterations", iterations],
     ["llm calls", u.llm_calls], ["tokens", (u.tokens || 0).toLocaleString()], ["dollars", money(u.cost_usd)],
@@ -46,17 +53,18 @@ function stats(run) {
 }
 
 function index(node) {
+  if (!node || typeof node !== "object") return;
   nodes[node.id] = node;
-  node.children.forEach(index);
+  list(node.children).forEach(index);
 }
 
 function treeHtml(node) {
-  const agents = node.children.filter((c) => c.kind === "agent");
+  const agents = list(node.children).filter((c) => c && c.kind === "agent");
   const cost = node.usage && node.usage.total ? money(node.usage.total.cost_usd) : "";
   const result = node.result === null || node.result === undefined ? ""
     : (typeof node.result === "string" ? node.result : JSON.stringify(node.result));
-  const label = `<div class="node" data-id="${node.id}" style="--depth:${DEPTH_COLOURS[node.depth % DEPTH_COLOURS.length]}">
-      <b>${node.id}</b> <span class="badge ${node.status}">${node.status}</span> ${cost}
+  const label = `<div class="node" data-id="${esc(node.id)}" style="--depth:${colour(node.depth)}">
+      <b>${esc(node.id)}</b> <span class="badge ${statusClass(node.status)}">${esc(node.status)}</span> ${cost}
       <div class="task">${esc(String(node.task).slice(0, 140))}</div>
       ${result ? `<div class="result">&rarr; ${esc(result.slice(0, 120))}</div>` : ""}</div>`;
   if (!agents.length) return `<li>${label}</li>`;
@@ -67,21 +75,22 @@ function showAgent(id) {
   const node = nodes[id];
   if (!node) return;
   document.querySelectorAll(".node").forEach((el) => el.classList.toggle("selected", el.dataset.id === id));
-  const its = node.iterations.map((it) => {
-    const kids = (it.children || []).filter((c) => nodes[c] && nodes[c].kind === "agent")
-      .map((c) => `<span class="child-link" data-id="${c}">${c}</span>`).join("");
-    const calls = (it.children || []).filter((c) => nodes[c] && nodes[c].kind === "llm_call").length;
+  const its = list(node.iterations).map((it) => {
+    it = it || {};
+    const kids = list(it.children).filter((c) => nodes[c] && nodes[c].kind === "agent")
+      .map((c) => `<span class="child-link" data-id="${esc(c)}">${esc(c)}</span>`).join("");
+    const calls = list(it.children).filter((c) => nodes[c] && nodes[c].kind === "llm_call").length;
     const usage = it.usage || {};
-    return `<div class="iteration" data-index="${it.index}">
-      <div class="meta">iteration ${it.index + 1} · ${Number(it.duration_s || 0).toFixed(2)} s · ${usage.tokens ?? 0} tokens
+    return `<div class="iteration" data-index="${esc(it.index)}">
+      <div class="meta">iteration ${esc(Number(it.index) + 1)} · ${Number(it.duration_s || 0).toFixed(2)} s · ${esc(usage.tokens ?? 0)} tokens
         ${calls ? ` · ${calls} llm calls` : ""}</div>
       ${kids ? `<div class="children">spawned: ${kids}</div>` : ""}
       ${block("prompt", it.prompt)}${block("response", it.response)}${block("reasoning", it.reasoning, "", true)}
-      ${block("code", it.code, "code", true, highlightPython(it.code || ""))}
+      ${block("code", it.code, "code", true, highlightPython(String(it.code ?? "")))}
       ${block("stdout", it.stdout, "", true)}${block("stderr", it.stderr, "err", true)}${block("error", it.error, "err", true)}
     </div>`;
   }).join("");
-  $("agent").innerHTML = `<h2>Agent ${node.id} · depth ${node.depth} · ${node.status}</h2>
+  $("agent").innerHTML = `<h2>Agent ${esc(node.id)} · depth ${esc(node.depth)} · ${esc(node.status)}</h2>
     ${block("task", node.task, "", true)}${block("result", typeof node.result === "string" ? node.result : JSON.stringify(node.result, null, 1), "", true)}
     ${node.result_truncated ? "<p><i>the parent saw this result cut</i></p>" : ""}
     ${node.error ? block("error", node.error, "err", true) : ""}
@@ -97,8 +106,8 @@ function timeline(run) {
   $("timeline").innerHTML = agents.map((n) => {
     const a = Date.parse(n.started_at), b = n.ended_at ? Date.parse(n.ended_at) : t1;
     const left = ((a - t0) / (t1 - t0)) * 100, width = Math.max(0.5, ((b - a) / (t1 - t0)) * 100);
-    return `<div class="row" title="${n.id}: ${((b - a) / 1000).toFixed(2)} s"><div class="bar" data-id="${n.id}"
-      style="left:${left}%;width:${width}%;background:${DEPTH_COLOURS[n.depth % DEPTH_COLOURS.length]}"></div></div>`;
+    return `<div class="row" title="${esc(n.id)}: ${((b - a) / 1000).toFixed(2)} s"><div class="bar" data-id="${esc(n.id)}"
+      style="left:${left}%;width:${width}%;background:${colour(n.depth)}"></div></div>`;
   }).join("") + `<div class="meta">${((t1 - t0) / 1000).toFixed(1)} s from the first agent's start to the last one's end</div>`;
   document.querySelectorAll("#timeline .bar").forEach((el) => el.addEventListener("click", () => showAgent(el.dataset.id)));
 }
@@ -111,13 +120,22 @@ function llmCalls() {
 }
 
 function patch(text) {
-  if (!text) return;
+  if (!text || typeof text !== "string") return;
   const lines = text.split("\n").map((l) => {
     const cls = l.startsWith("+++") || l.startsWith("---") || l.startsWith("diff ") ? "file"
       : l.startsWith("@@") ? "hunk" : l.startsWith("+") ? "add" : l.startsWith("-") ? "del" : "";
     return cls ? `<span class="${cls}">${esc(l)}</span>` : esc(l) + "\n";
   }).join("");
   $("patch").innerHTML = `<h2>Patch</h2><pre class="diff">${lines}</pre>`;
+}
+
+function plot(name) {
+  const title = document.createElement("h2"), img = document.createElement("img");
+  title.textContent = name;
+  img.className = "plot";
+  img.alt = name;
+  img.src = "../" + name.split("/").map(encodeURIComponent).join("/");
+  $("plots").append(title, img);
 }
 
 function applySearch() {
@@ -161,7 +179,7 @@ function main() {
   timeline(run);
   llmCalls();
   patch(data.patch);
-  $("plots").innerHTML = (data.plots || []).map((p) => `<h2>${esc(p)}</h2><img class="plot" src="../${esc(p)}" alt="${esc(p)}">`).join("");
+  list(data.plots).forEach((p) => plot(String(p)));
   $("search").addEventListener("input", applySearch);
   if (run.root) showAgent(run.root.id);
 }
