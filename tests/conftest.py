@@ -1,3 +1,7 @@
+"""Fixtures and helpers every test module shares: real servers (Prefect, a fake Daytona API), the CLI as a
+user runs it, and one way to compose and run a scripted config in-process."""
+
+import json
 import os
 import socket
 import subprocess
@@ -52,12 +56,159 @@ def prefect_server(tmp_path_factory):
     log.close()
 
 
+# --------------------------------------------------------------------------- configs and in-process runs
+
+
+def composed(*overrides):
+    """The run config `python -m rlm_pipelines OVERRIDES` would compose (built-in tasks registered)."""
+    from hydra import compose, initialize_config_dir
+
+    _register()
+    with initialize_config_dir(config_dir=str(_conf()), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def scripted_config(*overrides) -> dict:
+    """A composed config as plain data, offline: the scripted model, steps in-process, no console."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(composed("model=scripted", "orchestration.prefect=false",
+                                           "orchestration.progress=false", *overrides), resolve=True)
+
+
+def run_scripted(run_dir: Path, *overrides):
+    """Run a scripted config in-process into `run_dir`: (summary, run.json). A run that raises is recorded
+    all the same; its summary is then {"status": "error", "raised": the exception}."""
+    from rlm_pipelines.orchestration.inprocess import run_steps
+
+    try:
+        summary = run_steps(scripted_config(*overrides), str(run_dir))
+    except Exception as exc:
+        summary = {"status": "error", "raised": exc}
+    return summary, json.loads((Path(run_dir) / "run.json").read_text())
+
+
+_registered = []
+
+
+def _conf() -> Path:
+    from rlm_pipelines.paths import conf_dir
+
+    return conf_dir()
+
+
+def _register() -> None:
+    if not _registered:
+        from rlm_pipelines.config import register_configs
+        from rlm_pipelines.tasks import discover, register_task_schemas
+
+        register_configs()
+        register_task_schemas(discover(), _conf())
+        _registered.append(True)
+
+
+def agents(node, depth=None):
+    """The agent nodes of a run tree (at `depth`, or all)."""
+    found = [node] if node["kind"] == "agent" and (depth is None or node["depth"] == depth) else []
+    for child in node["children"]:
+        found += agents(child, depth)
+    return found
+
+
+# --------------------------------------------------------------------------- the CLI, as a user runs it
+
+
 def cli(args, cwd, env=None, timeout=600):
     """Run `python -m rlm_pipelines ARGS` as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "rlm_pipelines", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
+
+def run_dir_of(cwd: Path) -> Path:
+    """The one run folder a CLI run made under `cwd/outputs`."""
+    found = sorted((cwd / "outputs" / "runs").glob("*/*/*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory):
+    """The example plugin package, really installed (into a target dir, for PYTHONPATH)."""
+    site = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(PROJECT / "tests" / "plugin_example")], check=True)
+    return str(site)
+
+
+def repl_server_processes():
+    """Host pids of REPL servers running in sandboxes (local ones), by their command line."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if b"/.rlm/server.py" in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def api(url, path, body=None):
+    """POST to a Prefect server's API."""
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def api_get(url, path):
+    """GET from a Prefect server's API."""
+    with urllib.request.urlopen(f"{url}{path}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def check_monte_cristo_outputs(run_dir: Path):
+    """What a user checks after the offline Monte Cristo job: the tree, the 117 chapters, the fan-out, the
+    rows for all five characters, a plot with five drawn lines, the summary."""
+    import jsonschema
+    import numpy as np
+    from PIL import Image
+
+    from rlm_pipelines.tree import SCHEMA_FILE
+    from rlm_tasks.monte_cristo.plot import COLOURS
+
+    names = ["Dantès", "Danglars", "Fernand", "Villefort", "Mercédès"]
+    run = json.loads((run_dir / "run.json").read_text())
+    jsonschema.validate(run, json.loads(SCHEMA_FILE.read_text()))
+    assert run["status"] == "ok"
+    assert run["usage"]["sandboxes"] == 1
+    first = run["root"]["iterations"][0]
+    assert first["stdout"].startswith("117 chapters,")  # every chapter reached the sandbox
+    fan_out = run["root"]["iterations"][1]
+    assert len(fan_out["children"]) == 39
+    assert "39 calls" in fan_out["stdout"]
+    rows = json.loads((run_dir / "result.json").read_text())["wealth_data"]
+    assert {r["character"] for r in rows} == set(names)
+    chapters = {r["chapter"] for r in rows}
+    assert {1, 117} <= chapters
+    assert len(chapters) > 100
+    series = json.loads((run_dir / "plots" / "wealth_trajectories.json").read_text())
+    assert all(len(series[name]["smoothed"]) > 50 for name in names)
+    image = Image.open(run_dir / "plots" / "wealth_trajectories.png").convert("RGB")
+    assert image.size[0] >= 1000
+    pixels = np.asarray(image).astype(int)
+    for colour in COLOURS[:5]:  # each of the five lines is really drawn
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(pixels - rgb).max(axis=2) < 12).sum() > 400, colour
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    assert summary["llm_calls"] == 43
+    assert summary["iterations"] == 4
+    return run
+
+
+# --------------------------------------------------------------------------- Daytona
 
 # The live Daytona test looks at the user's real key; the fake uses a variable of its own so they never mix.
 FAKE_KEY_ENV = "RLM_FAKE_DAYTONA_KEY"

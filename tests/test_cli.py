@@ -7,73 +7,26 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import jsonschema
 import pytest
 
 from rlm_pipelines.models.scripted import register_script
-from rlm_pipelines.tree import SCHEMA_FILE
 from rlm_tasks.monte_cristo import task as monte_cristo
-from rlm_tasks.monte_cristo.plot import COLOURS
-from tests.conftest import BOOK, PROJECT, cli
+from tests.conftest import BOOK, api, check_monte_cristo_outputs, cli, repl_server_processes, run_dir_of
 from tests.fakes.openai_server import OpenAIServer
-
-NAMES = ["Dantès", "Danglars", "Fernand", "Villefort", "Mercédès"]
-
-
-def run_dir_of(cwd: Path) -> Path:
-    found = sorted((cwd / "outputs" / "runs").glob("*/*/*"))
-    assert len(found) == 1, found
-    return found[0]
-
-
-def api(url, path, body=None):
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(),
-                                     headers={"content-type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def check_monte_cristo_outputs(run_dir: Path):
-    run = json.loads((run_dir / "run.json").read_text())
-    jsonschema.validate(run, json.loads(SCHEMA_FILE.read_text()))
-    assert run["status"] == "ok" and run["usage"]["sandboxes"] == 1
-    first = run["root"]["iterations"][0]
-    assert first["stdout"].startswith("117 chapters,")  # every chapter reached the sandbox
-    fan_out = run["root"]["iterations"][1]
-    assert len(fan_out["children"]) == 39 and "39 calls" in fan_out["stdout"]
-    rows = json.loads((run_dir / "result.json").read_text())["wealth_data"]
-    assert {r["character"] for r in rows} == set(NAMES)
-    chapters = {r["chapter"] for r in rows}
-    assert {1, 117} <= chapters and len(chapters) > 100
-    series = json.loads((run_dir / "plots" / "wealth_trajectories.json").read_text())
-    assert all(len(series[name]["smoothed"]) > 50 for name in NAMES)
-    from PIL import Image
-
-    image = Image.open(run_dir / "plots" / "wealth_trajectories.png").convert("RGB")
-    assert image.size[0] >= 1000
-    import numpy as np
-
-    pixels = np.asarray(image).astype(int)
-    for colour in COLOURS[:5]:  # each of the five lines is really drawn
-        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
-        assert (np.abs(pixels - rgb).max(axis=2) < 12).sum() > 400, colour
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["llm_calls"] == 43 and summary["iterations"] == 4
-    return run
-
 
 def test_monte_cristo_scripted_through_the_cli_and_prefect(prefect_server, tmp_path):
     done = cli(["task=monte_cristo", "model=scripted", f"task.source={BOOK}"], tmp_path, prefect_server["env"])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "iteration 4/20" in done.stderr and "llm_query_batched x 39" in done.stderr
+    assert "iteration 4/20" in done.stderr
+    assert "llm_query_batched x 39" in done.stderr
     run = check_monte_cristo_outputs(run_dir_of(tmp_path))
     assert run["model"] == "scripted/monte_cristo"
     url = prefect_server["url"]
     flow_runs = [r for r in api(url, "/flow_runs/filter", {"limit": 200}) if r["name"] == "monte_cristo-scripted"]
-    assert flow_runs and flow_runs[-1]["state_type"] == "COMPLETED"
+    assert flow_runs
+    assert flow_runs[-1]["state_type"] == "COMPLETED"
     tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_runs[-1]["id"]]}}})
     steps = {t["name"].rsplit("-", 1)[0] for t in tasks}  # Prefect names task runs "<task name>-<suffix>"
     assert {"prepare inputs", "run engine", "write outputs", "downstream steps"} <= steps
@@ -97,15 +50,6 @@ def test_monte_cristo_through_a_local_openai_compatible_server(prefect_server, t
         assert done.returncode == 0, done.stderr[-3000:]
         assert len(server.requests) == 43
     check_monte_cristo_outputs(run_dir_of(tmp_path))
-
-
-@pytest.fixture(scope="module")
-def plugin_path(tmp_path_factory):
-    """The example plugin package, really installed (into a target dir put on PYTHONPATH)."""
-    site = tmp_path_factory.mktemp("plugin-site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(PROJECT / "tests" / "plugin_example")], check=True)
-    return f"{site}{os.pathsep}{PROJECT}"
 
 
 def test_a_third_party_task_plugin_runs(plugin_path, tmp_path):
@@ -137,7 +81,8 @@ def test_bad_input_fails_before_any_sandbox_with_a_clear_message(args, env, mess
 
 def test_the_sandbox_command_has_help_and_a_cleanup_specific_key_message(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "rlm_pipelines.sandbox", "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "cleanup" in helped.stdout
+    assert helped.returncode == 0
+    assert "cleanup" in helped.stdout
     env = {k: v for k, v in os.environ.items() if k != "DAYTONA_API_KEY"}
     done = subprocess.run([sys.executable, "-m", "rlm_pipelines.sandbox", "cleanup", "--dry-run"], cwd=tmp_path,
                           env=env, capture_output=True, text=True)
@@ -151,39 +96,28 @@ def test_budget_exhaustion_is_recorded(tmp_path):
                tmp_path)
     assert done.returncode == 1
     run = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
-    assert run["status"] == "budget_exceeded" and "limits.max_tokens" in run["error"]
+    assert run["status"] == "budget_exceeded"
+    assert "limits.max_tokens" in run["error"]
     assert len(run["root"]["iterations"]) == 2  # the fan-out spent it; the next turn was refused
 
 
-def sandbox_processes():
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if b"/.rlm/server.py" in Path(f"/proc/{entry.name}/cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 def test_ctrl_c_leaves_a_cancelled_run_and_no_sandbox(plugin_path, prefect_server, tmp_path):
-    before = set(sandbox_processes())
+    before = set(repl_server_processes())
     env = {**os.environ, "PYTHONPATH": plugin_path, **prefect_server["env"]}
     process = subprocess.Popen([sys.executable, "-m", "rlm_pipelines", "task=slow_echo", "model=scripted",
                                 "task.sleep_s=120"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (set(sandbox_processes()) - before) and time.time() < deadline and process.poll() is None:
+    while not (set(repl_server_processes()) - before) and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    assert set(sandbox_processes()) - before, "the run never started its sandbox"
+    assert set(repl_server_processes()) - before, "the run never started its sandbox"
     time.sleep(1)  # the slow cell is running
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-3000:]
     run = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
     assert run["status"] == "cancelled"
-    assert set(sandbox_processes()) - before == set()
+    assert set(repl_server_processes()) - before == set()
     assert not [p for p in Path("/tmp").glob("rlm-dspy-*") if p.stat().st_mtime > time.time() - 300]
 
 
@@ -198,7 +132,8 @@ def test_repo_run_through_prefect_has_a_task_run_per_agent(prefect_server, tmp_p
     assert (run_dir / "patch.diff").is_file()
     url = prefect_server["url"]
     flow_runs = [r for r in api(url, "/flow_runs/filter", {"limit": 200}) if r["name"] == "repo_todos-scripted"]
-    assert flow_runs and flow_runs[-1]["state_type"] == "COMPLETED"
+    assert flow_runs
+    assert flow_runs[-1]["state_type"] == "COMPLETED"
     tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_runs[-1]["id"]]}}})
     agent_runs = [t for t in tasks if t["name"].startswith("agent-depth")]
     assert len(agent_runs) == 1 + 3 + TODOS

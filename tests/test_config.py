@@ -1,36 +1,33 @@
 """Every option of every config group composes; bad overrides fail at compose time with Hydra's message."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rlm_pipelines.config import ModelSpec, RunConfig, register_configs
 from rlm_pipelines.engines.base import engine_class
 from rlm_pipelines.paths import conf_dir
 from rlm_pipelines.tasks import discover, register_task_schemas, resolve
+from tests.conftest import composed
 
 CONF = conf_dir()
 register_configs()
 TASKS = discover()
 register_task_schemas(TASKS, CONF)
-GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("engine", "task", "model", "sandbox",
-                                                                                    "limits")}
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+          for group in ("engine", "task", "model", "sandbox", "limits")}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
 def test_every_option_composes_and_validates(group, option):
     cfg = composed(f"{group}={option}")
     typed = OmegaConf.to_object(cfg)
-    assert isinstance(typed, RunConfig) and isinstance(typed.model, ModelSpec)
+    assert isinstance(typed, RunConfig)
+    assert isinstance(typed.model, ModelSpec)
     task, params = resolve(cfg, TASKS)
     assert task.name == cfg.task.name
     if group == "model":
-        assert typed.model.name == option and typed.model.model
+        assert typed.model.name == option
+        assert typed.model.model
     if group == "engine":
         assert engine_class(typed.engine).name == option
 
@@ -50,7 +47,8 @@ def test_groups_have_what_the_docs_promise():
     assert cfg.model.model == "openrouter/google/gemini-3-flash-preview"
     assert composed("model=claude_sonnet").model.model == "openrouter/anthropic/claude-sonnet-4.6"
     scripted = OmegaConf.to_object(composed("model=scripted", "task=doc_qa"))
-    assert scripted.model.model == "scripted/doc_qa" and scripted.model.sub.model == "scripted/doc_qa.sub"
+    assert scripted.model.model == "scripted/doc_qa"
+    assert scripted.model.sub.model == "scripted/doc_qa.sub"
 
 
 def test_every_limit_and_sandbox_key_is_commented_in_its_yaml():
@@ -91,9 +89,12 @@ def test_each_sandbox_composes_to_its_own_schema():
     from rlm_pipelines.pipeline import _typed
 
     local = OmegaConf.to_object(composed("sandbox=local", "sandbox.memory_mb=512")).sandbox
-    assert isinstance(local, LocalSandboxConfig) and local.memory_mb == 512 and not hasattr(local, "daytona")
+    assert isinstance(local, LocalSandboxConfig)
+    assert local.memory_mb == 512
+    assert not hasattr(local, "daytona")
     daytona = composed("sandbox=daytona", "sandbox.daytona.checkout=upload")
     assert isinstance(OmegaConf.to_object(daytona).sandbox, DaytonaSandboxConfig)
     again = _typed(OmegaConf.to_container(daytona, resolve=True)).sandbox  # as the pipeline reads it back
-    assert isinstance(again, DaytonaSandboxConfig) and again.daytona.checkout == "upload"
+    assert isinstance(again, DaytonaSandboxConfig)
+    assert again.daytona.checkout == "upload"
 

@@ -11,10 +11,9 @@ import pytest
 
 from rlm_pipelines.sandbox import make_sandbox
 from rlm_pipelines.sandbox.daytona import DaytonaSandbox
-from tests.conftest import BOOK, FAKE_KEY_ENV, PROJECT, cli, daytona_config, daytona_overrides
+from tests.conftest import (BOOK, FAKE_KEY_ENV, PROJECT, agents, check_monte_cristo_outputs, cli, daytona_config,
+                            daytona_overrides, run_dir_of, run_scripted)
 from tests.fixtures.todo_repo import TODOS, build
-from tests.test_cli import check_monte_cristo_outputs, plugin_path, run_dir_of  # noqa: F401 - fixture
-from tests.test_repo import agents, run
 
 LIVE_KEY = os.environ.get("DAYTONA_API_KEY")  # read before any fixture touches the environment
 
@@ -35,8 +34,11 @@ def test_sandboxes_are_labelled_offline_ephemeral_and_deleted(fake):
         created = fake.sandboxes[sandbox.id].request
         assert created["labels"] == {"rlm-pipelines": "1", "rlm-run": "r1", "rlm-task": "t",
                                      "rlm-agent": "agent-a0", "code-toolbox-language": "python"}
-        assert created["networkBlockAll"] is True and created["autoDeleteInterval"] == 0  # ephemeral
-        assert created["ttlMinutes"] == 240 and created["autoStopInterval"] == 15 and created["public"] is False
+        assert created["networkBlockAll"] is True
+        assert created["autoDeleteInterval"] == 0  # ephemeral
+        assert created["ttlMinutes"] == 240
+        assert created["autoStopInterval"] == 15
+        assert created["public"] is False
     assert fake.deleted[-1].id == sandbox.id
 
 
@@ -98,23 +100,28 @@ def test_monte_cristo_end_to_end_in_daytona_sandboxes(fake, prefect_server, tmp_
                tmp_path, prefect_server["env"])
     assert done.returncode == 0, done.stderr[-3000:]
     run = check_monte_cristo_outputs(run_dir_of(tmp_path))
-    assert run["usage"]["sandboxes"] == 1 and run["sandbox"]["kind"] == "daytona"
+    assert run["usage"]["sandboxes"] == 1
+    assert run["sandbox"]["kind"] == "daytona"
     sandbox_id = run["root"]["sandbox_id"]
     mine = [u for u in fake.uploads[before:] if u[0] == sandbox_id]
     inputs = [u for u in mine if ".rlm-inputs" in u[1]]
-    assert len(inputs) == 1 and inputs[0][2] > 2_000_000  # the book went up once, as a file
+    assert len(inputs) == 1
+    assert inputs[0][2] > 2_000_000  # the book went up once, as a file
     created = [s for s in fake.deleted if s.id == sandbox_id][0]
-    assert created.labels["rlm-run"] == run["id"] and created.labels["rlm-task"] == "monte_cristo"
+    assert created.labels["rlm-run"] == run["id"]
+    assert created.labels["rlm-task"] == "monte_cristo"
 
 
 def test_a_depth_two_repo_run_in_daytona_sandboxes(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
     repo = build(tmp_path / "repo")
     first = len(fake.deleted)
-    summary, tree, run_dir = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
+    run_dir = tmp_path / "run"
+    summary, tree = run_scripted(run_dir, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
                                  "sandbox.daytona.checkout=clone")
     assert summary["status"] == "ok", tree["error"]
-    assert len(agents(tree["root"], 1)) == 3 and len(agents(tree["root"], 2)) == TODOS
+    assert len(agents(tree["root"], 1)) == 3
+    assert len(agents(tree["root"], 2)) == TODOS
     assert tree["usage"]["sandboxes"] == 1 + 3 + TODOS
     assert b"+    # DONE: validate inputs" in (run_dir / "patch.diff").read_bytes()
     made = fake.deleted[first:]
@@ -126,7 +133,8 @@ def test_sub_agents_can_be_forks_of_one_prepared_sandbox(fake, tmp_path, monkeyp
     monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
     repo = build(tmp_path / "repo")
     first, uploads = len(fake.forks), len(fake.uploads)
-    summary, tree, run_dir = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
+    run_dir = tmp_path / "run"
+    summary, tree = run_scripted(run_dir, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
                                  "sandbox.fork_subagents=true")  # a local path: checkout=auto uploads it
     assert summary["status"] == "ok", tree["error"]
     assert len(agents(tree["root"], 2)) == TODOS
@@ -141,10 +149,12 @@ def test_a_failed_clone_fails_the_run_clearly_and_leaves_no_sandbox(fake, tmp_pa
     monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
     repo = build(tmp_path / "repo")
     fake.clone_error = "authentication required for the repository"
-    summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", *daytona_overrides(fake),
+    summary, tree = run_scripted(tmp_path / "run", "task=repo_todos", f"task.repo={repo['path']}",
+                                 *daytona_overrides(fake),
                            "sandbox.daytona.checkout=clone", "orchestration.retries=0")
     assert summary["status"] == "error"
-    assert "could not clone" in tree["error"] and "authentication required" in tree["error"]
+    assert "could not clone" in tree["error"]
+    assert "authentication required" in tree["error"]
     # the `fake` fixture then checks that the sandbox made for the root agent was deleted
 
 
@@ -152,7 +162,9 @@ def test_a_missing_api_key_fails_before_anything_starts(fake, tmp_path):
     created = fake.calls.count(("POST", "/api/sandbox"))
     done = cli(["task=monte_cristo", "model=scripted", f"task.source={BOOK}", "orchestration.prefect=false",
                 *daytona_overrides(fake), "sandbox.daytona.api_key_env=RLM_NO_SUCH_KEY"], tmp_path)
-    assert done.returncode == 2 and "RLM_NO_SUCH_KEY" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2
+    assert "RLM_NO_SUCH_KEY" in done.stderr
+    assert "Traceback" not in done.stderr
     assert fake.calls.count(("POST", "/api/sandbox")) == created
 
 
@@ -169,10 +181,14 @@ def test_cleanup_deletes_orphans_by_label_only(fake, tmp_path):
     command = [sys.executable, "-m", "rlm_pipelines.sandbox", "cleanup", "--config", str(settings)]
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     listed = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, env=env, timeout=120)
-    assert listed.returncode == 0 and f"would delete {orphan.id}" in listed.stdout and orphan.id in fake.sandboxes
+    assert listed.returncode == 0
+    assert f"would delete {orphan.id}" in listed.stdout
+    assert orphan.id in fake.sandboxes
     done = subprocess.run(command + ["--run", "dead-run"], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0 and f"deleted {orphan.id}" in done.stdout, done.stderr
-    assert orphan.id not in fake.sandboxes and stranger.id in fake.sandboxes  # not ours: left alone
+    assert done.returncode == 0, done.stderr
+    assert f"deleted {orphan.id}" in done.stdout, done.stderr
+    assert orphan.id not in fake.sandboxes
+    assert stranger.id in fake.sandboxes  # not ours: left alone
     stranger.delete()
     orphan.stop()  # already gone: stopping again is quiet
 
@@ -200,7 +216,7 @@ def test_live_daytona_sandbox_runs_a_repl_and_is_deleted():
     assert not [(i, state) for i, state in left if i == sandbox_id and state not in ("destroyed", "destroying")], left
 
 
-def test_ctrl_c_deletes_the_run_s_daytona_sandboxes(fake, plugin_path, tmp_path):  # noqa: F811
+def test_ctrl_c_deletes_the_run_s_daytona_sandboxes(fake, plugin_path, tmp_path):
     import signal
     import time
 

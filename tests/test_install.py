@@ -110,7 +110,8 @@ def test_the_offline_job_and_the_run_picker_work_from_the_wheel(venv, prefect_se
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = next((tmp_path / "outputs" / "runs" / "monte_cristo").glob("*/*"))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["iterations"] == 4
+    assert summary["status"] == "ok"
+    assert summary["iterations"] == 4
     assert (run_dir / "plots" / "wealth_trajectories.png").stat().st_size > 10_000
     assert "window.RLM_DATA" in (run_dir / "viewer" / "data.js").read_text()
 

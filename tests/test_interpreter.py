@@ -24,7 +24,9 @@ def test_satisfies_dspy_protocol_and_factory_contract(interp):
     factory = SandboxInterpreterFactory()
     assert not isinstance(factory, CodeInterpreter)  # dspy refuses factories that look like interpreters
     text = factory.execution_instructions
-    assert "bubblewrap" in text and "no network" in text and "SUBMIT" in text
+    assert "bubblewrap" in text
+    assert "no network" in text
+    assert "SUBMIT" in text
 
 
 def test_state_kept_and_typed_submit(interp):
@@ -53,7 +55,8 @@ def test_model_mistakes_are_recoverable_errors(interp):
         interp.execute("def broken(:\n  pass")
     with pytest.raises(CodeExecutionError) as caught:
         interp.execute("print('before'); {}['missing']")
-    assert "before" in str(caught.value) and "KeyError" in str(caught.value)
+    assert "before" in str(caught.value)
+    assert "KeyError" in str(caught.value)
     interp.execute("kept = 1")
     with pytest.raises(CodeExecutionError, match="TimeoutError"):
         interp.execute("while True: pass")  # cell_timeout_s=5 in the fixture

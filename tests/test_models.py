@@ -52,29 +52,40 @@ def test_litellm_path_real_http_usage_cost_and_key(server):
     out = LLMClient(spec, ledger).complete("hello there")
     assert out.text == "reply to hello there"
     request = server.requests[-1]
-    assert request["path"] == "/v1/chat/completions" and request["body"]["model"] == "fake-model-a"
+    assert request["path"] == "/v1/chat/completions"
+    assert request["body"]["model"] == "fake-model-a"
     assert request["headers"]["authorization"] == f"Bearer {SECRET}"
-    assert out.prompt_tokens > 0 and out.completion_tokens > 0
+    assert out.prompt_tokens > 0
+    assert out.completion_tokens > 0
     assert out.cost_usd == pytest.approx(priced(out, spec))
     snap = ledger.snapshot()
-    assert snap["calls"] == 1 and snap["errors"] == 0 and snap["cost_usd"] == pytest.approx(out.cost_usd, abs=1e-6)
+    assert snap["calls"] == 1
+    assert snap["errors"] == 0
+    assert snap["cost_usd"] == pytest.approx(out.cost_usd, abs=1e-6)
     assert snap["tokens"] == out.prompt_tokens + out.completion_tokens
-    assert seen == ledger.records and seen[0].ok and seen[0].duration_s > 0
-    assert SECRET not in repr(ledger.records) and SECRET not in repr(snap)
+    assert seen == ledger.records
+    assert seen[0].ok
+    assert seen[0].duration_s > 0
+    assert SECRET not in repr(ledger.records)
+    assert SECRET not in repr(snap)
 
 
 def test_dspy_lm_path_real_http_records_usage(server):
     ledger = UsageLedger()
     spec = spec_for(server, model="openai/fake-model-b")
     lm = build_dspy_lm(spec, ledger, role="root")
-    assert lm.engine == "litellm" and lm.cache is False
+    assert lm.engine == "litellm"
+    assert lm.cache is False
     assert lm("what is up")[0] == "reply to what is up"
     assert server.requests[-1]["headers"]["authorization"] == f"Bearer {SECRET}"
     record = ledger.records[-1]
-    assert record.ok and record.prompt_tokens > 0 and record.role == "root"
+    assert record.ok
+    assert record.prompt_tokens > 0
+    assert record.role == "root"
     assert record.cost_usd == pytest.approx(priced(record, spec))
     assert lm.last_call()["outputs"] == ["reply to what is up"]
-    assert SECRET not in repr(ledger.records) and SECRET not in repr(lm.last_call())
+    assert SECRET not in repr(ledger.records)
+    assert SECRET not in repr(lm.last_call())
 
 
 def test_dspy_lm_usage_is_per_call_even_with_history_disabled(server):
@@ -87,7 +98,8 @@ def test_dspy_lm_usage_is_per_call_even_with_history_disabled(server):
     with dspy.context(disable_history=True):
         lm("short")
     long, short = ledger.records
-    assert long.prompt_tokens > 500 and 0 < short.prompt_tokens < 20
+    assert long.prompt_tokens > 500
+    assert 0 < short.prompt_tokens < 20
 
 
 def test_dspy_lm_async_calls_are_retried_and_recorded(server):
@@ -103,7 +115,8 @@ def test_dspy_lm_async_calls_are_retried_and_recorded(server):
     assert len(server.requests) == 3
     assert sorted(r.attempts for r in ledger.records) == [1, 2]
     # interleaved on one event loop, each call still gets its own usage (the server counts chars/4 + 1)
-    assert sorted(r.prompt_tokens for r in ledger.records) == [11, 21] and all(r.cost_usd > 0 for r in ledger.records)
+    assert sorted(r.prompt_tokens for r in ledger.records) == [11, 21]
+    assert all(r.cost_usd > 0 for r in ledger.records)
 
 
 @pytest.mark.parametrize("path", ["litellm", "dspy"])
@@ -113,7 +126,8 @@ def test_transient_error_then_success_is_retried(server, path, status):
     ledger = UsageLedger()
     assert call(path, spec_for(server, model=f"openai/fake-{status}-{path}"), ledger, "again") == "reply to again"
     assert len(server.requests) == 2
-    assert ledger.records[-1].ok and ledger.records[-1].attempts == 2
+    assert ledger.records[-1].ok
+    assert ledger.records[-1].attempts == 2
 
 
 @pytest.mark.parametrize("path", ["litellm", "dspy"])
@@ -123,9 +137,11 @@ def test_500_forever_fails_after_retries_with_provider_message(server, path):
     spec = spec_for(server, model=f"openai/fake-500-{path}", num_retries=2)
     with pytest.raises(ModelError, match="fake-500.*after 3 attempts.*fake provider error 500") as error:
         call(path, spec, ledger)
-    assert error.value.attempts == 3 and error.value.transient  # the pipeline may retry its step later
+    assert error.value.attempts == 3
+    assert error.value.transient  # the pipeline may retry its step later
     assert len(server.requests) == 3
-    assert ledger.records[-1].ok is False and ledger.records[-1].attempts == 3
+    assert ledger.records[-1].ok is False
+    assert ledger.records[-1].attempts == 3
     assert ledger.snapshot()["errors"] == 1
 
 
@@ -138,7 +154,8 @@ def test_client_errors_fail_fast(server, path, status):
         call(path, spec_for(server, model=f"openai/fake-{status}-{path}", num_retries=3), ledger)
     assert not error.value.transient
     assert len(server.requests) == 1
-    assert SECRET not in str(error.value) and SECRET not in repr(ledger.records)
+    assert SECRET not in str(error.value)
+    assert SECRET not in repr(ledger.records)
 
 
 def test_no_retry_starts_after_the_deadline(server):
@@ -149,16 +166,19 @@ def test_no_retry_starts_after_the_deadline(server):
     started = time.monotonic()
     with pytest.raises(ModelError):
         client.complete("x", deadline=time.monotonic() + 1)
-    assert len(server.requests) == 1 and time.monotonic() - started < 1
+    assert len(server.requests) == 1
+    assert time.monotonic() - started < 1
 
 
 def test_unpriced_model_costs_zero_with_one_warning(server, caplog):
     client = LLMClient(spec_for(server, model="openai/fake-unpriced", input_cost_per_mtok=None,
                                 output_cost_per_mtok=None))
     with caplog.at_level(logging.WARNING, logger="rlm_pipelines.models.litellm_client"):
-        assert client.complete("a").cost_usd == 0.0 and client.complete("b").cost_usd == 0.0
+        assert client.complete("a").cost_usd == 0.0
+        assert client.complete("b").cost_usd == 0.0
     warnings = [r for r in caplog.records if "no price known" in r.getMessage()]
-    assert len(warnings) == 1 and "openai/fake-unpriced" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert "openai/fake-unpriced" in warnings[0].getMessage()
 
 
 def test_ledger_is_thread_safe(server):
@@ -217,7 +237,8 @@ def test_scripted_provider_offline_and_deterministic():
     assert build_dspy_lm(ModelSpec(model="scripted/unit.sub"))("hello")[0] == "5 chars"
 
     raw = litellm.completion(model="scripted/unit.sub", messages=[{"role": "user", "content": "x" * 400}])
-    assert raw.model == "scripted" and raw.usage.prompt_tokens == 100
+    assert raw.model == "scripted"
+    assert raw.usage.prompt_tokens == 100
 
     root = LLMClient(ModelSpec(model="scripted/unit"))
     chat = [{"role": "user", "content": "task"}, {"role": "assistant", "content": "..."},
@@ -234,7 +255,8 @@ def test_scripted_root_speaks_dspys_chat_adapter():
     predict = dspy.Predict("iteration: str -> reasoning: str, code: str")
     with dspy.context(lm=build_dspy_lm(ModelSpec(model="scripted/fields"))):
         pred = predict(iteration="2/5")
-    assert pred.reasoning == "second" and "SUBMIT(answer=x)" in pred.code
+    assert pred.reasoning == "second"
+    assert "SUBMIT(answer=x)" in pred.code
 
 
 def test_scripted_rlm_runs_concurrently_without_interfering():
@@ -265,13 +287,15 @@ def test_scripted_rlm_runs_concurrently_without_interfering():
         t.join()
     assert results == {"a b c": "3 A B C", "hello there": "2 HELLO THERE"}
     by_model = ledger.snapshot()["by_model"]
-    assert by_model["scripted/rlm-unit"]["calls"] == 6 and by_model["scripted/rlm-unit.sub"]["calls"] == 2
+    assert by_model["scripted/rlm-unit"]["calls"] == 6
+    assert by_model["scripted/rlm-unit.sub"]["calls"] == 2
 
 
 def test_unknown_script_is_a_clear_error_not_retried():
     with pytest.raises(ModelError, match="no scripted model named 'nope'") as error:
         LLMClient(ModelSpec(model="scripted/nope", num_retries=3)).complete("x")
-    assert error.value.attempts == 1 and not error.value.transient
+    assert error.value.attempts == 1
+    assert not error.value.transient
 
 
 def test_fake_server_streams_server_sent_events(server):

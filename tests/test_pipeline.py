@@ -3,18 +3,12 @@
 import json
 
 import pytest
-from omegaconf import OmegaConf
 
 from rlm_pipelines.orchestration.inprocess import run_steps
 from rlm_pipelines.pipeline import is_transient_infra
 from rlm_pipelines.models import ModelError
 from rlm_pipelines.sandbox import SandboxConfigError, SandboxStartError
-from tests.test_config import composed
-
-
-def config(*overrides):
-    return OmegaConf.to_container(composed("model=scripted", "orchestration.prefect=false",
-                                           "orchestration.progress=false", *overrides), resolve=True)
+from tests.conftest import scripted_config
 
 
 def test_doc_qa_answers_from_a_folder_of_documents(tmp_path):
@@ -24,13 +18,14 @@ def test_doc_qa_answers_from_a_folder_of_documents(tmp_path):
     (docs / "people.txt").write_text("Edmond Dantès was the first mate of the Pharaon. He loved Mercédès.")
     (docs / "noise.txt").write_text("Nothing here matters at all.")
     run_dir = tmp_path / "run"
-    summary = run_steps(config("task=doc_qa", f"task.documents=[{docs}]",
+    summary = run_steps(scripted_config("task=doc_qa", f"task.documents=[{docs}]",
                                "task.question='Who was the first mate of the Pharaon?'"), str(run_dir))
     assert summary["status"] == "ok"
     answer = json.loads((run_dir / "result.json").read_text())["answer"]
     assert "Edmond Dantès was the first mate" in answer
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["status"] == "ok" and run["usage"]["llm_calls"] == 3 + 3 + 1  # 3 turns, 3 documents, 1 combine
+    assert run["status"] == "ok"
+    assert run["usage"]["llm_calls"] == 3 + 3 + 1  # 3 turns, 3 documents, 1 combine
     assert len(run["root"]["iterations"][1]["children"]) == 3
 
 
@@ -80,7 +75,8 @@ def test_isolation_bwrap_without_bwrap_is_a_config_error(monkeypatch):
     try:
         with pytest.raises(SandboxConfigError, match="bwrap is not installed") as caught:
             make_sandbox(LocalSandboxConfig(isolation="bwrap"))
-        assert not isinstance(caught.value, SandboxStartError) and not is_transient_infra(caught.value)
+        assert not isinstance(caught.value, SandboxStartError)
+        assert not is_transient_infra(caught.value)
         with pytest.raises(SandboxConfigError):
             check_sandbox(LocalSandboxConfig(isolation="bwrap"))
         with pytest.raises(SandboxConfigError, match="auto, bwrap or none"):
@@ -96,10 +92,11 @@ def test_a_sandbox_that_cannot_start_is_retried_then_recorded(tmp_path, capsys):
                  "sandbox.python=/no/such/python", "orchestration.retries=1", "orchestration.retry_delay_s=0",
                  "orchestration.progress=true")
     try:
-        run_steps(config(*overrides), str(run_dir))
+        run_steps(scripted_config(*overrides), str(run_dir))
         raise AssertionError("the run should fail")
     except Exception as exc:
         assert "cannot start the sandbox" in str(exc)
     assert "retrying the engine step" in capsys.readouterr().err
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["status"] == "error" and "cannot start the sandbox" in run["error"]
+    assert run["status"] == "error"
+    assert "cannot start the sandbox" in run["error"]

@@ -27,9 +27,12 @@ def test_namespace_values_and_errors(repl):
     assert repl.execute("None").value is None
     err = repl.execute("x = 1\n\nundefined_name + 1").error
     assert err.type == "NameError"
-    assert 'File "<cell-' in err.traceback and "line 3" in err.traceback and "server.py" not in err.traceback
+    assert 'File "<cell-' in err.traceback
+    assert "line 3" in err.traceback
+    assert "server.py" not in err.traceback
     syntax = repl.execute("def f(:").error
-    assert syntax.type == "SyntaxError" and "line 1" in syntax.traceback
+    assert syntax.type == "SyntaxError"
+    assert "line 1" in syntax.traceback
 
 
 def test_output_captured_at_fd_level_and_in_order(repl):
@@ -41,7 +44,8 @@ def test_output_captured_at_fd_level_and_in_order(repl):
 
 def test_output_cap_keeps_head_and_tail(repl):
     result = repl.execute("print('HEAD'); print('x' * 50000); print('TAIL')")
-    assert result.stdout.startswith("HEAD") and result.stdout.rstrip().endswith("TAIL")
+    assert result.stdout.startswith("HEAD")
+    assert result.stdout.rstrip().endswith("TAIL")
     assert "bytes of output cut: head and tail kept" in result.stdout
     assert len(result.stdout) < 2200
     assert repl.execute("print('small')").stdout == "small\n"  # the cap resets per cell
@@ -67,7 +71,8 @@ def test_host_function_errors_are_clear(repl):
 
     repl.register({"explode": explode})
     err = repl.execute("explode('bad input')").error
-    assert err.type == "ToolError" and "explode() failed on the host: ValueError: bad input" in err.message
+    assert err.type == "ToolError"
+    assert "explode() failed on the host: ValueError: bad input" in err.message
     assert repl.execute("explode(object())").error.type == "TypeError"  # not JSON: refused in the sandbox
     assert repl.execute("explode(1, 2, 3)").error.type == "TypeError"  # the stub has the real signature
     assert repl.execute("print(explode.__doc__)").stdout == "Always fails.\n"
@@ -85,12 +90,14 @@ def test_submit_final_and_final_var(repl):
     assert repl.execute("SUBMIT('yes', 3)").final == {"kind": "submit", "value": {"answer": "yes", "score": 3}}
     assert repl.execute("SUBMIT(score=1, answer='k')").final["value"] == {"answer": "k", "score": 1}
     rejected = repl.execute("keep = 5\nSUBMIT(answer='only')")
-    assert rejected.final is None and "missing ['score']" in rejected.error.message
+    assert rejected.final is None
+    assert "missing ['score']" in rejected.error.message
     assert repl.execute("keep").value == "5"
     assert repl.execute("try:\n    FINAL('x')\nexcept Exception:\n    pass").final == {"kind": "final", "value": "x"}
     assert repl.execute("report = {'files': 3}\nFINAL_VAR('report')").final["value"] == {"files": 3}
     missing = repl.execute("FINAL_VAR('nope')")
-    assert missing.final is None and "no variable named 'nope'" in missing.error.message
+    assert missing.final is None
+    assert "no variable named 'nope'" in missing.error.message
 
 
 def test_input_exit_and_a_dead_server(repl):
@@ -99,9 +106,11 @@ def test_input_exit_and_a_dead_server(repl):
     repl.set_vars({"given": "kept"})
     repl.execute("local = 1")
     died = repl.execute("import os; os._exit(1)")
-    assert died.error.type == "ReplDied" and "lost" in died.error.message
+    assert died.error.type == "ReplDied"
+    assert "lost" in died.error.message
     after = repl.execute("print(given)")
-    assert after.notice.startswith("[The REPL was restarted") and after.stdout == "kept\n"
+    assert after.notice.startswith("[The REPL was restarted")
+    assert after.stdout == "kept\n"
     assert repl.execute("local").error.type == "NameError"
 
 
@@ -111,4 +120,5 @@ def test_close_is_idempotent_and_ends_the_server(box):
     session.execute("1")
     session.close()
     session.close()
-    assert process.poll() is not None and not session.alive
+    assert process.poll() is not None
+    assert not session.alive

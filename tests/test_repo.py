@@ -9,15 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from rlm_pipelines.engines.repo import _bounded
-from rlm_pipelines.orchestration.inprocess import run_steps
 from rlm_pipelines.models.scripted import DepthScript, Turn, register_script
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import TODOS, build
-from tests.test_cli import plugin_path, run_dir_of, sandbox_processes  # noqa: F401 - fixture
-from tests.test_config import composed
+from tests.conftest import agents, repl_server_processes, run_dir_of, run_scripted
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +28,9 @@ def cache(tmp_path, monkeypatch):
 
 
 def run(tmp_path, *overrides):
-    config = OmegaConf.to_container(composed("model=scripted", "orchestration.prefect=false",
-                                             "orchestration.progress=false", *overrides), resolve=True)
-    run_dir = tmp_path / "run"
-    try:
-        summary = run_steps(config, str(run_dir))
-    except Exception as exc:  # the run is recorded all the same
-        summary = {"status": "error", "raised": exc}
-    return summary, json.loads((run_dir / "run.json").read_text()), run_dir
-
-
-def agents(node, depth=None):
-    found = [node] if node["kind"] == "agent" and (depth is None or node["depth"] == depth) else []
-    for child in node["children"]:
-        found += agents(child, depth)
-    return found
+    """A scripted repo run in-process: (summary, run.json, run folder)."""
+    summary, tree = run_scripted(tmp_path / "run", *overrides)
+    return summary, tree, tmp_path / "run"
 
 
 def test_depth_two_tree_fixes_a_todo_with_a_patch_that_applies(repo, tmp_path):
@@ -53,25 +38,31 @@ def test_depth_two_tree_fixes_a_todo_with_a_patch_that_applies(repo, tmp_path):
                                  f"task.patch_out={tmp_path / 'out.diff'}")
     assert summary["status"] == "ok", tree["error"]
     root = tree["root"]
-    assert len(agents(root, 1)) == 3 and len(agents(root, 2)) == TODOS  # a package each, a TODO each
-    assert summary["agents"] == 1 + 3 + TODOS and summary["max_depth"] == 2
+    assert len(agents(root, 1)) == 3
+    assert len(agents(root, 2)) == TODOS  # a package each, a TODO each
+    assert summary["agents"] == 1 + 3 + TODOS
+    assert summary["max_depth"] == 2
     # the ids of the children an iteration spawned are recorded with it
     assert sorted(root["iterations"][1]["children"]) == sorted(c["id"] for c in root["children"])
     assert all(len(c["iterations"][1]["children"]) == len(c["children"]) for c in root["children"])
     result = json.loads((run_dir / "result.json").read_text())  # FINAL_VAR('report'): the dict itself
-    assert len(result["todos"]) == TODOS and result["easiest"]["todo"] == "# TODO: validate inputs"
+    assert len(result["todos"]) == TODOS
+    assert result["easiest"]["todo"] == "# TODO: validate inputs"
     patch = (run_dir / "patch.diff").read_bytes()
-    assert b"+    # DONE: validate inputs" in patch and (tmp_path / "out.diff").read_bytes() == patch
+    assert b"+    # DONE: validate inputs" in patch
+    assert (tmp_path / "out.diff").read_bytes() == patch
     fresh = tmp_path / "fresh"
     subprocess.run(["git", "clone", "-q", str(repo["path"]), str(fresh)], check=True)
     subprocess.run(["git", "apply", "--check", str(run_dir / "patch.diff")], cwd=fresh, check=True)
-    assert tree["usage"]["sandboxes"] == 1 + 3 + TODOS and tree["commit"] == repo["head"]
+    assert tree["usage"]["sandboxes"] == 1 + 3 + TODOS
+    assert tree["commit"] == repo["head"]
 
 
 def test_children_check_out_the_requested_commit_and_branch(repo, tmp_path):
     _, tree, _ = run(tmp_path / "a", "task=repo_todos", f"task.repo={repo['path']}", f"task.commit={repo['first']}")
     children = agents(tree["root"], 1) + agents(tree["root"], 2)
-    assert children and all(repo["first"] in c["iterations"][0]["stdout"] for c in children)
+    assert children
+    assert all(repo["first"] in c["iterations"][0]["stdout"] for c in children)
     assert "packages: ['alpha', 'beta']" in tree["root"]["iterations"][0]["stdout"]  # no gamma yet
     _, tree, _ = run(tmp_path / "b", "task=repo_todos", f"task.repo={repo['path']}", "task.branch=feature")
     assert all(repo["feature"] in c["iterations"][0]["stdout"] for c in agents(tree["root"], 1))
@@ -83,7 +74,8 @@ def test_limits_reach_the_model_and_the_tree(repo, tmp_path):
                            "limits.max_sandboxes=3")
     refused = [a for a in agents(tree["root"]) if a["status"] == "budget_exceeded"]
     # over the run's lifetime: the root and two package agents; the third package and every TODO refused
-    assert len(refused) == 1 + len([a for a in agents(tree["root"], 2)]) and tree["usage"]["sandboxes"] == 3
+    assert len(refused) == 1 + len([a for a in agents(tree["root"], 2)])
+    assert tree["usage"]["sandboxes"] == 3
     assert all("max_sandboxes" in a["error"] for a in refused)
     # the model is told, in its own output ...
     assert "sandbox budget limits.max_sandboxes=3 is spent" in tree["root"]["iterations"][1]["stdout"]
@@ -91,18 +83,22 @@ def test_limits_reach_the_model_and_the_tree(repo, tmp_path):
     assert summary["status"] == "ok"
     assert any("judged in place" in (a["result"] or "") for a in agents(tree["root"], 1))
     summary, tree, _ = run(tmp_path / "b", "task=repo_todos", f"task.repo={repo['path']}", "limits.max_depth=1")
-    assert summary["status"] == "ok" and agents(tree["root"], 2) == []
+    assert summary["status"] == "ok"
+    assert agents(tree["root"], 2) == []
     assert all("depth limit" in json.dumps(a["result"]) for a in agents(tree["root"], 1))
 
 
 @pytest.mark.parametrize("override,message", [("task.repo=/no/such/repo", "cannot clone task.repo"),
                                               ("task.commit=0123456789abcdef", "task.commit='0123456789abcdef' is not in")])
 def test_a_bad_repo_or_commit_fails_clearly_and_leaks_nothing(repo, tmp_path, override, message):
-    before = set(sandbox_processes())
+    before = set(repl_server_processes())
     repo_arg = f"task.repo={repo['path']}" if "commit" in override else override
     summary, tree, _ = run(tmp_path, "task=repo_todos", repo_arg, override)
-    assert summary["status"] == "error" and message in tree["error"] and tree["status"] == "error"
-    assert tree["usage"]["sandboxes"] == 0 and set(sandbox_processes()) == before
+    assert summary["status"] == "error"
+    assert message in tree["error"]
+    assert tree["status"] == "error"
+    assert tree["usage"]["sandboxes"] == 0
+    assert set(repl_server_processes()) == before
 
 
 def test_global_timeout_stops_a_long_cell(repo, tmp_path):
@@ -110,8 +106,10 @@ def test_global_timeout_stops_a_long_cell(repo, tmp_path):
     started = time.monotonic()
     summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", "model.model=scripted/stuck",
                            "limits.wall_time_s=3")
-    assert summary["status"] == "timeout" and "wall time" in tree["error"]
-    assert time.monotonic() - started < 30 and tree["root"]["status"] == "timeout"
+    assert summary["status"] == "timeout"
+    assert "wall time" in tree["error"]
+    assert time.monotonic() - started < 30
+    assert tree["root"]["status"] == "timeout"
 
 
 def test_global_timeout_stops_a_slow_model_call(repo, tmp_path, monkeypatch):
@@ -129,22 +127,24 @@ def test_history_stays_bounded():
     for i in range(200):
         history += [{"role": "assistant", "content": f"code {i} " * 100}, {"role": "user", "content": "out " * 200}]
     kept = _bounded(history, 20_000)
-    assert sum(len(m["content"]) for m in kept) < 25_000 and kept[0]["content"].startswith("task")
-    assert "earlier messages omitted" in kept[0]["content"] and kept[-1] == history[-1]
+    assert sum(len(m["content"]) for m in kept) < 25_000
+    assert kept[0]["content"].startswith("task")
+    assert "earlier messages omitted" in kept[0]["content"]
+    assert kept[-1] == history[-1]
     roles = [m["role"] for m in kept]
     assert all(a != b for a, b in zip(roles, roles[1:]))  # user/assistant alternate
 
 
-def test_ctrl_c_cancels_the_tree_and_leaves_nothing(repo, plugin_path, tmp_path):  # noqa: F811
-    before = set(sandbox_processes())
+def test_ctrl_c_cancels_the_tree_and_leaves_nothing(repo, plugin_path, tmp_path):
+    before = set(repl_server_processes())
     env = {**os.environ, "PYTHONPATH": plugin_path, "RLM_CACHE_DIR": str(tmp_path / "cache")}
     process = subprocess.Popen([sys.executable, "-m", "rlm_pipelines", "task=stuck_repo", "model=scripted",
                                 f"task.repo={repo['path']}", "orchestration.prefect=false"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while len(set(sandbox_processes()) - before) < 3 and time.time() < deadline and process.poll() is None:
+    while len(set(repl_server_processes()) - before) < 3 and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    assert len(set(sandbox_processes()) - before) >= 3, "root and two children never ran"
+    assert len(set(repl_server_processes()) - before) >= 3, "root and two children never ran"
     time.sleep(1)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -152,7 +152,7 @@ def test_ctrl_c_cancels_the_tree_and_leaves_nothing(repo, plugin_path, tmp_path)
     tree = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
     assert tree["status"] == "cancelled"
     assert {a["status"] for a in agents(tree["root"])} <= {"cancelled"}
-    assert set(sandbox_processes()) - before == set()
+    assert set(repl_server_processes()) - before == set()
     leftovers = [p for pattern in ("rlm-agent-*", "rlm-base-*", "rlm-patch-check-*") for p in Path("/tmp").glob(pattern)
                  if p.stat().st_mtime > time.time() - 120]
     assert leftovers == []
@@ -208,17 +208,25 @@ def test_root_patch_usage_rollup_truncation_and_no_code_replies(repo, tmp_path, 
     # the parent sees the head and tail of the findings, 100 characters in all, and how much was cut
     assert "'" + "x" * 50 + "\\n... [400 characters cut] ...\\n" + "x" * 50 + "'" in root["iterations"][1]["stdout"]
     child = root["children"][0]
-    assert child["result_truncated"] is True and len(child["result"]) == 500
+    assert child["result_truncated"] is True
+    assert len(child["result"]) == 500
     assert "SyntaxError" in root["iterations"][1]["error"]
     patch = (run_dir / "patch.diff").read_text()
-    assert "new file mode" in patch and "+new file" in patch and "min(x, hi)" in patch and "def add(a, b:" not in patch
+    assert "new file mode" in patch
+    assert "+new file" in patch
+    assert "min(x, hi)" in patch
+    assert "def add(a, b:" not in patch
     own, total = root["usage"]["own"], root["usage"]["total"]
-    assert own["llm_calls"] == 3 and total["llm_calls"] == 4 == tree["usage"]["llm_calls"]
-    assert total["tokens"] == tree["usage"]["tokens"] and total["cost_usd"] == pytest.approx(tree["usage"]["cost_usd"])
+    assert own["llm_calls"] == 3
+    assert total["llm_calls"] == 4 == tree["usage"]["llm_calls"]
+    assert total["tokens"] == tree["usage"]["tokens"]
+    assert total["cost_usd"] == pytest.approx(tree["usage"]["cost_usd"])
     assert total["cost_usd"] > 0
 
 
 def test_token_budget_stops_the_tree(repo, tmp_path):
     summary, tree, _ = run(tmp_path, "task=repo_todos", f"task.repo={repo['path']}", "limits.max_tokens=3000")
-    assert summary["status"] == "budget_exceeded" and "limits.max_tokens" in tree["error"]
-    assert tree["usage"]["tokens"] >= 3000 and tree["root"]["status"] == "budget_exceeded"
+    assert summary["status"] == "budget_exceeded"
+    assert "limits.max_tokens" in tree["error"]
+    assert tree["usage"]["tokens"] >= 3000
+    assert tree["root"]["status"] == "budget_exceeded"

@@ -43,11 +43,13 @@ def test_scripted_rlm_end_to_end_in_the_sandbox():
     ledger = UsageLedger()
     pred = run_rlm(build_dspy_lm(ModelSpec(model="scripted/rlm-e2e"), ledger),
                    build_dspy_lm(ModelSpec(model="scripted/rlm-e2e.sub"), ledger))
-    assert pred.counts == {"red": 14, "blue": 26} and pred.total == 40
+    assert pred.counts == {"red": 14, "blue": 26}
+    assert pred.total == 40
     steps = pred.trajectory
     assert len(steps) == 5
     assert "NameError" in steps[1]["output"]  # the error went back to the model ...
-    assert "40 documents" in steps[0]["output"] and "['red', 'blue', 'blue']" in steps[2]["output"]  # ... and on
+    assert "40 documents" in steps[0]["output"]
+    assert "['red', 'blue', 'blue']" in steps[2]["output"]  # ... and on
     snap = ledger.snapshot()
     assert snap["by_model"]["scripted/rlm-e2e.sub"]["calls"] == 40
     assert snap["by_model"]["scripted/rlm-e2e"]["calls"] == 5
@@ -65,7 +67,8 @@ def test_batched_fan_out_is_wider_than_dspys_eight():
         Turn("SUBMIT(counts={'n': len(answers)}, total=len(answers))")], sub_answer=meet))
     pred = run_rlm(build_dspy_lm(ModelSpec(model="scripted/rlm-wide")),
                    build_dspy_lm(ModelSpec(model="scripted/rlm-wide.sub")), batch_concurrency=32)
-    assert pred.total == 24 and "[ERROR]" not in pred.trajectory[0]["output"]
+    assert pred.total == 24
+    assert "[ERROR]" not in pred.trajectory[0]["output"]
 
 
 def test_call_budget_is_reserved_for_a_whole_batch_at_once():
@@ -102,7 +105,8 @@ def test_reply_without_code_is_an_observation_not_a_crash(key):
         pred = run_rlm(lm, lm)
     assert pred.total == 1
     first = pred.trajectory[0]["output"]
-    assert "no `code` field" in first and "blue" in first
+    assert "no `code` field" in first
+    assert "blue" in first
 
 
 def test_rlm_over_real_http_with_sub_model_on_the_host(key):
@@ -123,4 +127,5 @@ def test_rlm_over_real_http_with_sub_model_on_the_host(key):
         pred = run_rlm(lm, sub)
     assert pred.total == 1
     assert pred.trajectory[0]["output"].strip() == "red"
-    assert len(sub_server.requests) == 1 and "Document 0" in json.dumps(sub_server.requests[0]["body"])
+    assert len(sub_server.requests) == 1
+    assert "Document 0" in json.dumps(sub_server.requests[0]["body"])

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, api, api_get
 from tests.fixtures.todo_repo import build, git
-from tests.test_cli import api
 
 
 def wait_for(check, timeout=120, every=0.5):
@@ -35,13 +34,6 @@ def run_deployment(url, deployment_id):
     state = wait_for(finished, timeout=180)
     assert state["state_type"] == "COMPLETED", state
     return state
-
-
-def api_get(url, path):
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}{path}", timeout=30) as response:
-        return json.loads(response.read())
 
 
 def latest_summary(outputs: Path) -> dict:
@@ -83,11 +75,13 @@ def test_nightly_audits_are_served_and_compare_with_the_last_one(prefect_server,
         found = wait_for(lambda: [d for d in api(url, "/deployments/filter", {}) if d["name"] == "repo_audit-toy"])
         deployment = found[0]
         schedule = deployment["schedules"][0]["schedule"]
-        assert schedule["cron"] == "15 2 * * *" and schedule["timezone"] == "Europe/Paris"
+        assert schedule["cron"] == "15 2 * * *"
+        assert schedule["timezone"] == "Europe/Paris"
 
         run_deployment(url, deployment["id"])
         first = latest_summary(tmp_path / "outputs")
-        assert first["status"] == "ok" and first["comparison"]["against"] is None
+        assert first["status"] == "ok"
+        assert first["comparison"]["against"] is None
         opened = len(first["comparison"]["new"])
         assert opened >= 5
 
@@ -97,7 +91,8 @@ def test_nightly_audits_are_served_and_compare_with_the_last_one(prefect_server,
         run_deployment(url, deployment["id"])
         second = latest_summary(tmp_path / "outputs")
         comparison = second["comparison"]
-        assert comparison["against"] and comparison["new"] == []
+        assert comparison["against"]
+        assert comparison["new"] == []
         assert {f["kind"] for f in comparison["resolved"]} == {"todo", "eval"}
         assert len(comparison["still_open"]) == opened - 2
         artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["rlm-audit-comparison"]}}})

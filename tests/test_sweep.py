@@ -17,10 +17,13 @@ def test_a_sweep_compares_every_combination_and_lists_failures(tmp_path):
     labels = sorted(j["label"] for j in report["jobs"])
     assert labels[0] == "limits.max_tokens=10 task.docs_per_call=10"
     ok = [j for j in report["jobs"] if j["status"] == "ok"]
-    assert len(ok) == 2 and all(j["score"] == 1.0 for j in ok)  # the scripted policy counts exactly
-    assert {f["status"] for f in report["failed"]} == {"budget_exceeded"} and len(report["failed"]) == 2
+    assert len(ok) == 2
+    assert all(j["score"] == 1.0 for j in ok)  # the scripted policy counts exactly
+    assert {f["status"] for f in report["failed"]} == {"budget_exceeded"}
+    assert len(report["failed"]) == 2
     rows = list(csv.DictReader(open(sweep_dir / "sweep.csv")))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok", "budget_exceeded"}
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} == {"ok", "budget_exceeded"}
     assert (sweep_dir / "plots" / "sweep_comparison.png").stat().st_size > 10_000
     page = (sweep_dir / "viewer" / "index.html").read_text()
     for job in report["jobs"]:
@@ -33,7 +36,8 @@ def test_the_needles_score_is_exact(tmp_path):
 
     params = NeedlesParams(seed=3, documents=20, needles=17)
     docs, truth = generate(params)
-    assert generate(params) == (docs, truth) and sum(truth.values()) == 17
+    assert generate(params) == (docs, truth)
+    assert sum(truth.values()) == 17
     assert task.score({"counts": truth}, {}, params) == 1.0
     wrong = dict(truth, red=truth["red"] + 1)
     assert task.score({"counts": wrong}, {}, params) == 0.75

@@ -12,16 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
-from omegaconf import OmegaConf
 
-from rlm_pipelines.orchestration.inprocess import run_steps
 from rlm_pipelines.viewer import write_bundle
-from tests.conftest import BOOK, PROJECT, free_port
+from tests.conftest import BOOK, PROJECT, free_port, run_scripted
 from tests.fixtures.todo_repo import TODOS, build
-from tests.test_config import composed
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
@@ -29,9 +25,7 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 
 
 def run(run_dir, *overrides):
-    config = OmegaConf.to_container(composed("model=scripted", "orchestration.prefect=false",
-                                             "orchestration.progress=false", *overrides), resolve=True)
-    return run_steps(config, str(run_dir))
+    return run_scripted(run_dir, *overrides)[0]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +64,8 @@ def test_repo_run_bundle_from_disk(browser, runs):
     page, errors = open_page(browser, f"file://{runs}/runs/repo/viewer/index.html")
     assert errors == []
     assert page.locator("#tree .node").count() == 1 + 3 + TODOS
-    assert "9" in page.locator("#stats").inner_text() and "ok" in page.locator("#stats").inner_text()
+    assert "9" in page.locator("#stats").inner_text()
+    assert "ok" in page.locator("#stats").inner_text()
     page.locator("#tree .node[data-id='a1']").click()  # a child: its iterations are shown
     assert page.locator("#agent h2").first.inner_text().lower().startswith("agent a1")
     assert page.locator("#iterations .iteration").count() == 2
@@ -79,7 +74,8 @@ def test_repo_run_bundle_from_disk(browser, runs):
     first_child = spawned.first.inner_text()
     spawned.first.click()
     assert first_child.lower() in page.locator("#agent h2").first.inner_text().lower()
-    assert page.locator("#patch .add").count() >= 1 and page.locator("#patch .del").count() >= 1
+    assert page.locator("#patch .add").count() >= 1
+    assert page.locator("#patch .del").count() >= 1
     assert page.locator("#timeline .bar").count() == 1 + 3 + TODOS
     page.fill("#search", "checkout at")
     assert page.locator("mark").count() >= 1
@@ -92,7 +88,8 @@ def test_monte_cristo_bundle_shows_llm_calls_and_the_plot(browser, runs):
     assert page.locator("#calls .call").count() == 39
     assert page.locator("#iterations .iteration").count() == 4
     width = page.eval_on_selector("img.plot", "img => img.complete && img.naturalWidth")
-    assert width and width > 1000
+    assert width
+    assert width > 1000
 
 
 def test_unknown_schema_is_said_plainly(browser, runs, tmp_path):
@@ -100,7 +97,8 @@ def test_unknown_schema_is_said_plainly(browser, runs, tmp_path):
     data = (tmp_path / "viewer" / "data.js").read_text().replace("rlm-pipelines/run@1", "rlm-pipelines/run@9", 1)
     (tmp_path / "viewer" / "data.js").write_text(data)
     page, errors = open_page(browser, f"file://{tmp_path}/viewer/index.html")
-    assert "this viewer knows" in page.locator("#banner").inner_text() and errors == []
+    assert "this viewer knows" in page.locator("#banner").inner_text()
+    assert errors == []
 
 
 def test_the_picker_serves_every_run(browser, runs):
@@ -232,9 +230,13 @@ def test_the_picker_serves_no_symlink_and_nothing_outside_its_folder(runs, tmp_p
                      "/%2e%2e/%2e%2e/etc/passwd", "/runs/x/viewer/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
                      "/runs/y/summary.json"):
             status, body = fetch(port, path)
-            assert status == 404 and "TOP SECRET" not in body and "root:" not in body, (path, status)
+            assert status == 404, (path, status)
+            assert "TOP SECRET" not in body, (path, status)
+            assert "root:" not in body, (path, status)
         status, body = fetch(port, "/")
-        assert "TOP SECRET" not in body and "broken: runs/y" in body and "runs/linked" not in body
+        assert "TOP SECRET" not in body
+        assert "broken: runs/y" in body
+        assert "runs/linked" not in body
         assert "serving 1 runs" in started  # neither linked folder is a run
 
 
@@ -249,7 +251,9 @@ def test_the_picker_answers_only_to_loopback_host_names(runs, tmp_path):
                      f"localhost@evil.example:{port}", "[::1", False):
             for path in ("/", "/run/viewer/data.js", "/run/run.json"):
                 status, body = fetch(port, path, host)
-                assert status in (403, 421) and "repo_todos" not in body and "RLM_DATA" not in body, (host, path)
+                assert status in (403, 421), (host, path)
+                assert "repo_todos" not in body, (host, path)
+                assert "RLM_DATA" not in body, (host, path)
 
 
 def fake_browser(tmp_path, body):
@@ -283,7 +287,8 @@ def test_open_says_when_no_browser_opens_and_gives_the_url(runs, tmp_path, brows
     command = script if browser_command == "fails" else str(tmp_path / "no-such-browser")
     with picker_server(tmp_path / "outputs", "--open", env={**env, "BROWSER": command}) as (port, lines):
         text = said(lines, "by hand")
-        assert "could not open a browser" in text and f"open http://127.0.0.1:{port}/ by hand" in text, text
+        assert "could not open a browser" in text, text
+        assert f"open http://127.0.0.1:{port}/ by hand" in text, text
         assert fetch(port, "/")[0] == 200  # and the server goes on
 
 
@@ -335,8 +340,10 @@ def test_hostile_run_data_never_becomes_markup(browser, tmp_path):
     assert page.evaluate("typeof window.__pwned") == "undefined"
     handlers = page.evaluate("""[...document.querySelectorAll('*')].flatMap(e => [...e.attributes]
         .filter(a => a.name.startsWith('on')).map(a => e.tagName + ' ' + a.name))""")
-    assert handlers == [] and page.locator("svg").count() == 0
-    assert page.locator("img").count() == 1 and page.eval_on_selector("img.plot", "i => i.naturalWidth") == 1
+    assert handlers == []
+    assert page.locator("svg").count() == 0
+    assert page.locator("img").count() == 1
+    assert page.eval_on_selector("img.plot", "i => i.naturalWidth") == 1
     assert PAYLOAD in page.locator("#agent h2").first.text_content()  # shown as text, not lost
     assert page.locator(".badge.unknown").count() == 2  # an unknown status gets no class of its own choosing
     assert errors == []
