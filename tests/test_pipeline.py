@@ -29,37 +29,31 @@ def test_doc_qa_answers_from_a_folder_of_documents(tmp_path):
     assert len(run["root"]["iterations"][1]["children"]) == 3
 
 
-def test_only_infrastructure_failures_are_retried(tmp_path):
+def raised_from(cause: BaseException, wrapper: type = RuntimeError) -> BaseException:
+    """`wrapper` raised while handling `cause` (`raise ... from cause`), as the engine step sees it."""
+    try:
+        try:
+            raise cause
+        except BaseException as caught:
+            raise wrapper("cannot start the sandbox") from caught
+    except BaseException as wrapped:
+        return wrapped
+
+
+def test_only_infrastructure_failures_are_retried():
     transient = ModelError("model x failed after 4 attempts: 503")
     transient.transient = True
     assert is_transient_infra(transient)
-    try:
-        try:
-            raise SandboxStartError("bwrap: cannot create namespace")
-        except SandboxStartError as cause:
-            raise RuntimeError("cannot start the sandbox") from cause
-    except RuntimeError as wrapped:
-        assert is_transient_infra(wrapped)
+    assert is_transient_infra(raised_from(SandboxStartError("bwrap: cannot create namespace")))
     assert not is_transient_infra(ModelError("model x failed: 401 invalid key"))
     assert not is_transient_infra(NameError("name 'docs' is not defined"))
 
 
 def test_a_sandbox_that_can_never_start_is_not_retried():
     assert not is_transient_infra(SandboxConfigError("sandbox.isolation=bwrap but bwrap is not installed"))
-    try:
-        try:
-            raise SandboxConfigError("sandbox.daytona.checkout=clone but the network cannot be opened")
-        except SandboxConfigError as cause:
-            raise RuntimeError("cannot start the sandbox") from cause
-    except RuntimeError as wrapped:
-        assert not is_transient_infra(wrapped)
-    try:  # a start error caused by a setup that cannot work is not worth another try either
-        try:
-            raise SandboxConfigError("no bwrap")
-        except SandboxConfigError as cause:
-            raise SandboxStartError("cannot start") from cause
-    except SandboxStartError as wrapped:
-        assert not is_transient_infra(wrapped)
+    assert not is_transient_infra(raised_from(SandboxConfigError("checkout=clone but the network is locked")))
+    # a start error caused by a setup that cannot work is not worth another try either
+    assert not is_transient_infra(raised_from(SandboxConfigError("no bwrap"), SandboxStartError))
 
 
 def test_isolation_bwrap_without_bwrap_is_a_config_error(monkeypatch):
