@@ -246,7 +246,9 @@ class LocalSandbox(BaseSandbox):
         # interpreter that lives under /tmp (a CI venv) stays visible instead of hidden by the private /tmp.
         argv += ["--bind", str(root / "workspace"), WORKSPACE, "--bind", str(root / "tmp"), "/tmp"]
         python = Path(self._python())
-        for prefix in sorted({sys.base_prefix, sys.prefix, str(python.parent.parent), str(python.resolve().parent.parent)}):
+        venv = python.parent.parent  # a configured venv's own folder (its pyvenv.cfg), besides its base install
+        prefixes = {sys.base_prefix, sys.prefix, str(python.resolve().parent.parent)}
+        for prefix in sorted(prefixes | ({str(venv)} if (venv / "pyvenv.cfg").is_file() else set())):
             argv += [*_open_folders(prefix, "/tmp"), "--ro-bind", prefix, prefix]
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
