@@ -96,10 +96,12 @@ class LocalSandboxConfig(SandboxConfig):
     # `bwrap` (required), `none` (plain subprocess, NOT isolated), `auto` (bwrap, else `none` with a loud
     # warning).
     isolation: str = "auto"
-    memory_mb: int = 2048  # address space per process
+    memory_mb: int = 2048  # memory of all the sandbox's processes together (and each one's address space)
     cpu_seconds: int = 3600  # CPU time per process
-    file_size_mb: int = 1024  # largest file a process may write
-    max_processes: int = 256  # processes and threads (contains fork bombs)
+    disk_mb: int = 4096  # bytes in the workspace and /tmp together (the files written last go when over)
+    file_size_mb: int = 1024  # largest file a process may write (at most disk_mb)
+    max_processes: int = 256  # processes and threads of the whole sandbox (contains fork bombs)
+    watch_interval_s: float = 0.1  # how often the host sums memory, processes and disk against the limits
     # Python inside the sandbox; null = the host interpreter (its install is bound read-only).
     python: Optional[str] = None
 

@@ -82,8 +82,12 @@ def test_isolation_bwrap_without_bwrap_is_a_config_error(monkeypatch):
 
 def test_a_sandbox_that_cannot_start_is_retried_then_recorded(tmp_path, capsys):
     run_dir = tmp_path / "run"
+    python = tmp_path / "py" / "bin" / "python"  # runs, but no REPL server starts in it
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\necho 'no REPL today' >&2\nexit 3\n")
+    python.chmod(0o755)
     overrides = ("task=doc_qa", f"task.documents=[{__file__}]", "task.question=what",
-                 "sandbox.python=/no/such/python", "orchestration.retries=1", "orchestration.retry_delay_s=0",
+                 f"sandbox.python={python}", "orchestration.retries=1", "orchestration.retry_delay_s=0",
                  "orchestration.progress=true")
     try:
         run_steps(scripted_config(*overrides), str(run_dir))

@@ -144,6 +144,9 @@ class ReplSession:
         self._cell_context = contextvars.copy_context()
         self._inflight_lock = threading.Lock()
         self._closed = False
+        # Why the sandbox stopped its processes since the last call (a sandbox-wide limit), set by the sandbox
+        # that keeps this session; told to the model with the cell it hit.
+        self.sandbox_notices: Callable[[], str] = lambda: ""
         self._conn = self._connect()
 
     # -- lifecycle
@@ -245,6 +248,9 @@ class ReplSession:
         with self._lock:
             self._ensure_alive()
             notice, self._lost = self._lost, ""
+            stopped = self.sandbox_notices()  # between cells: the server may be gone for it
+            if stopped:
+                notice = f"[Before this cell, {stopped}.]\n{notice}".rstrip("\n")
             self._cell_context = contextvars.copy_context()
             cell_id = next(self._ids)
             conn = self._conn
@@ -254,9 +260,11 @@ class ReplSession:
             except FutureTimeout:
                 result = self._stop_overdue(conn, cell_id, future, timeout)
             except ReplDied as exc:
-                self._lost = (f"[The REPL was restarted: {exc} during the previous cell. Variables and imports "
+                stopped = self.sandbox_notices()
+                why = f"{stopped} ({exc})" if stopped else str(exc)
+                self._lost = (f"[The REPL was restarted: {why} during the previous cell. Variables and imports "
                               f"from earlier cells are lost; the inputs were injected again.]")
-                result = CellResult(error=CellError("ReplDied", f"{exc}. All REPL state is lost; the next cell "
+                result = CellResult(error=CellError("ReplDied", f"{why}. All REPL state is lost; the next cell "
                                                     f"runs in a fresh REPL with the inputs injected again."))
             result.notice = notice
             return result

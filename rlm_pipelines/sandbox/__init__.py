@@ -67,7 +67,7 @@ def can_fork(config: "SandboxConfig") -> bool:
 
 
 def describe(config: Optional["SandboxConfig"]) -> dict[str, str]:
-    """What code in this config's sandboxes gets, as the backend says: `python`, `isolation`, `workdir`."""
+    """What code in this config's sandboxes gets, as the backend says: `python`, `isolation`, `workdir`, `limits`."""
     config = typed_config(config)
     return backend(config.kind).describe(config)
 

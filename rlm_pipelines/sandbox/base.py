@@ -118,10 +118,13 @@ class BaseSandbox:
         self._stopped = False
         self._started = False
         self._repls: list[ReplSession] = []
+        self._notices: list[str] = []  # why the sandbox stopped its processes (a limit), oldest first
+        self._enforcing = threading.Lock()  # held while a limit is enforced: notice readers wait for the end
 
     @classmethod
     def describe(cls, config: Any) -> dict[str, str]:
-        """What model code gets here, for its prompt: `python` (version), `isolation`, `workdir`."""
+        """What model code gets here, for its prompt: `python` (version), `isolation`, `workdir`, `limits`
+        (a sentence on the resources it may use, or "")."""
         raise NotImplementedError
 
     @classmethod
@@ -159,9 +162,27 @@ class BaseSandbox:
         self.stop()
 
     def _keep_repl(self, session: ReplSession) -> ReplSession:
+        session.sandbox_notices = self._notice_reader()
         with self._lock:
             self._repls.append(session)
         return session
+
+    def _note(self, notice: str) -> None:
+        """Record why the sandbox stopped its processes: the next reader of each kind is told."""
+        with self._lock:
+            self._notices.append(notice)
+
+    def _notice_reader(self) -> Callable[[], str]:
+        """A reader of the notices recorded after this call; each call returns the ones it has not yet."""
+        with self._lock:
+            seen = len(self._notices)
+
+        def unread() -> str:
+            nonlocal seen
+            with self._enforcing, self._lock:
+                new, seen = self._notices[seen:], len(self._notices)
+            return "; ".join(new)
+        return unread
 
     def _create(self) -> None:
         raise NotImplementedError

@@ -114,7 +114,8 @@ class DaytonaSandbox(BaseSandbox):
     @classmethod
     def describe(cls, config: DaytonaSandboxConfig) -> dict[str, str]:
         # The sandbox's Python is whatever its snapshot or image has.
-        return {"python": "3", "isolation": "daytona", "workdir": config.daytona.workdir}
+        return {"python": "3", "isolation": "daytona", "workdir": config.daytona.workdir,
+                "limits": "Memory, disk and processes are limited by the sandbox's resources."}
 
     @classmethod
     def check(cls, config: DaytonaSandboxConfig) -> None:

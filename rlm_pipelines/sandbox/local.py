@@ -3,7 +3,14 @@
 What sandbox code sees: read-only system dirs (/usr and its links, a few /etc files) and the Python
 install; its own workspace (read-write, `/workspace`) and private /tmp, both deleted at `stop()`; no network
 unless configured; an empty environment except what the config names; its own PID, IPC and UTS
-namespaces; rlimits on memory, CPU time, file size and process count. It dies with its parent.
+namespaces; no new user namespaces (so no mounts of its own); a size-capped /dev/shm. It dies with its
+parent.
+
+Limits bound the whole sandbox, not one process: a watchdog thread (`limits.py`) sums the memory and
+processes of every process in the sandbox's PID namespaces and the bytes in its workspace and /tmp, and
+stops all of its processes when a sum is over (`memory_mb`, `max_processes`, `disk_mb`); the files written
+last go too when the disk is over. rlimits on memory, CPU time, file size and process count stay as the
+per-process backstop between the watchdog's checks.
 
 When the host runs as root (containers, CI), the sandbox runs as a fresh unprivileged uid instead of a
 user-namespaced root: the kernel never enforces RLIMIT_NPROC for uid 0 (even mapped), so that is what
@@ -12,17 +19,21 @@ makes the process limit - and fork-bomb containment - real.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import platform
 import select
-import signal
 import random
+import signal
+import stat
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +43,7 @@ from rlm_pipelines.config import LocalSandboxConfig
 from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
 from rlm_pipelines.repl.stdio import StdioTransport
+from rlm_pipelines.sandbox import limits
 from rlm_pipelines.sandbox.base import WORKSPACE, BaseSandbox, SandboxConfigError, SandboxError, SandboxStartError
 from rlm_pipelines.text import clip_bytes
 
@@ -56,21 +68,31 @@ class LocalSandbox(BaseSandbox):
         self.root: Optional[Path] = None
         self._uid: Optional[int] = None
         self._procs: set[subprocess.Popen] = set()
+        self._watchdog: Optional[limits.Watchdog] = None
 
     @classmethod
     def describe(cls, config: LocalSandboxConfig) -> dict[str, str]:
         isolated = config.isolation == "bwrap" or (config.isolation == "auto" and _bwrap_problem() is None)
+        whole = (f"all its processes together may use at most {config.memory_mb} MB of memory and "
+                 f"{config.max_processes} processes and threads") if isolated else \
+            f"each process may use at most {config.memory_mb} MB of memory"
         return {"python": platform.python_version() if config.python is None else "3",
                 "isolation": "bubblewrap" if isolated else "NOT isolated",
-                "workdir": WORKSPACE if isolated else "the working directory"}
+                "workdir": WORKSPACE if isolated else "the working directory",
+                "limits": f"Limits: {whole}; files under the working directory and /tmp may hold at most "
+                          f"{config.disk_mb} MB together (one file at most {min(config.file_size_mb, config.disk_mb)}"
+                          f" MB). Going over stops every process in the sandbox (REPL state is lost) and, for "
+                          f"the disk, removes the files written last; you are told when that happens."}
 
     @classmethod
     def check(cls, config: LocalSandboxConfig) -> None:
         _check_isolation(config.isolation)
+        _check_python(config.python)
 
     # -- lifecycle
 
     def _create(self) -> None:
+        _check_python(self.config.python)
         base = self.config.root_dir or None
         if base:
             os.makedirs(base, exist_ok=True)
@@ -89,28 +111,123 @@ class LocalSandbox(BaseSandbox):
         (root / "etc" / "group").write_text(f"root:x:0:\nsandbox:x:{user}:\nnogroup:x:65534:\n")
         # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
         (root / "etc" / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
+        program = limits.userns_filter()
+        if program is not None:
+            (root / "etc" / "seccomp.bpf").write_bytes(program)
         self.root = root
+        self._watchdog = self._new_watchdog(root)
+        self._watchdog.start()
 
-    def _detach(self) -> tuple[set[subprocess.Popen], Optional[Path]]:
+    def _detach(self) -> tuple[set[subprocess.Popen], Optional[Path], Optional[limits.Watchdog]]:
         procs, self._procs = set(self._procs), set()
         root, self.root = self.root, None
-        return procs, root
+        watchdog, self._watchdog = self._watchdog, None
+        return procs, root, watchdog
 
-    def _release(self, resources: tuple[set[subprocess.Popen], Optional[Path]]) -> None:
-        procs, root = resources
+    def _release(self, resources: tuple[set[subprocess.Popen], Optional[Path], Optional[limits.Watchdog]]) -> None:
+        procs, root, watchdog = resources
+        if watchdog is not None:
+            watchdog.stop()
         for proc in procs:
             _kill(proc)
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
 
+    # -- sandbox-wide limits (see limits.py)
+
+    def _new_watchdog(self, root: Path) -> limits.Watchdog:
+        cfg = self.config
+        caps = {"memory": cfg.memory_mb << 20, "processes": cfg.max_processes, "disk": cfg.disk_mb << 20}
+        return limits.Watchdog(cfg.watch_interval_s, caps, pids=self._sandbox_pids,
+                               shm_roots=lambda: [f"/proc/{pid}/root/dev/shm" for pid in self._inits()],
+                               disk=lambda: limits.disk_files([root / "workspace", root / "tmp"], self._uid),
+                               over=self._over_limit)
+
+    def _inits(self) -> list[int]:
+        """Host pids of the first process of each of the sandbox's live PID namespaces."""
+        with self._lock:
+            procs = list(self._procs)
+        return [pid for pid in map(_child_pid, procs) if pid is not None]
+
+    def _sandbox_pids(self) -> list[int]:
+        """Every process in the sandbox, wherever it went: all members of its PID namespaces."""
+        if self.isolation != "bwrap":
+            return []
+        inodes = set()
+        for pid in self._inits():
+            try:
+                inodes.add(os.stat(f"/proc/{pid}/ns/pid").st_ino)
+            except OSError:
+                pass
+        return limits.namespace_pids(inodes) if inodes else []
+
+    def _over_limit(self, kind: str, used: int) -> None:
+        """Stop every process of the sandbox (and, for the disk, remove the files written last until it is
+        back under), and leave a notice for whoever runs code in it next."""
+        cfg = self.config
+        limit = {"memory": f"{cfg.memory_mb} MB", "processes": f"{cfg.max_processes}",
+                 "disk": f"{cfg.disk_mb} MB"}[kind]
+        shown = f"{used >> 20} MB" if kind != "processes" else f"{used}"
+        notice = f"the sandbox went over its {kind} limit ({limit}; it reached {shown}) and its processes were stopped"
+        log.warning("sandbox %s: %s", self.id, notice)
+        with self._enforcing:  # whoever sees a process die and asks why waits for the whole story
+            self._note(notice)
+            self._kill_all()
+            removed = self._trim_disk(cfg.disk_mb << 20) if kind == "disk" else []
+            if removed:
+                self._note(f"the files written last were removed to bring it back under its disk limit: "
+                           f"{', '.join(removed)}")
+
+    def _kill_all(self) -> None:
+        with self._lock:
+            procs = list(self._procs)
+        for pid in self._sandbox_pids():
+            _signal(pid)
+        for proc in procs:
+            _signal(-proc.pid)
+        deadline = time.monotonic() + 5
+        while self._sandbox_pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _trim_disk(self, cap: int) -> list[str]:
+        """Remove files, newest first, until the workspace and /tmp hold at most `cap` bytes; their paths
+        inside. Runs with every sandbox process dead, so nothing swaps a folder for a symlink meanwhile."""
+        root = self.root
+        if root is None:
+            return []
+        files = limits.disk_files([root / "workspace", root / "tmp"], self._uid)
+        total, removed = sum(size for _, size, _ in files), []
+        for _, size, path in sorted(files, reverse=True):
+            if total <= cap:
+                break
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    continue
+                os.unlink(path)
+            except OSError:
+                continue
+            total -= size
+            removed.append(self._inside_path(path))
+        return removed
+
+    def _inside_path(self, host: str) -> str:
+        root = self._require_root()
+        for sub, inside in (("workspace", self.workdir), ("tmp", self._tmpdir())):
+            base = str(root / sub)
+            if host.startswith(base + "/"):
+                return inside + host[len(base):]
+        return host
+
     # -- processes
 
-    def _argv(self, command: Sequence[str], cwd: Optional[str] = None, info_fd: Optional[int] = None) -> list[str]:
-        """The full host command line that runs `command` inside this sandbox."""
+    def _argv(self, command: Sequence[str], cwd: Optional[str] = None, info_fd: Optional[int] = None,
+              seccomp_fd: Optional[int] = None) -> list[str]:
+        """The full host command line that runs `command` inside this sandbox (`seccomp_fd`: the
+        `limits.userns_filter` program to read)."""
         cfg, root = self.config, self._require_root()
         nproc = cfg.max_processes if os.geteuid() == 0 else _user_processes() + cfg.max_processes
         argv = ["prlimit", f"--as={cfg.memory_mb << 20}", f"--cpu={cfg.cpu_seconds}",
-                f"--fsize={cfg.file_size_mb << 20}", f"--nproc={nproc}", "--core=0", "--"]
+                f"--fsize={min(cfg.file_size_mb, cfg.disk_mb) << 20}", f"--nproc={nproc}", "--core=0", "--"]
         env = _environment(cfg, self.workdir, self._tmpdir())
         if self.isolation == "none":
             return argv + ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *command]
@@ -118,21 +235,27 @@ class LocalSandbox(BaseSandbox):
                  "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--clearenv"]
         if not cfg.network:
             argv.append("--unshare-net")
-        if self._uid is None:  # unprivileged host: a user namespace maps our own uid
-            argv.append("--unshare-user")
+        if self._uid is None:  # unprivileged host: a user namespace maps our own uid, and no more are made in it
+            argv += ["--unshare-user", "--disable-userns"]
         else:  # root host: drop to the sandbox's own uid (see the module docstring)
             argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        if seccomp_fd is not None:  # no new user namespaces, on root hosts too (see limits.userns_filter)
+            argv += ["--seccomp", str(seccomp_fd)]
         argv += _system_mounts(cfg.network)
         # The sandbox's own /workspace and /tmp first: the Python install is bound after them, so an
         # interpreter that lives under /tmp (a CI venv) stays visible instead of hidden by the private /tmp.
         argv += ["--bind", str(root / "workspace"), WORKSPACE, "--bind", str(root / "tmp"), "/tmp"]
-        for prefix in sorted({sys.base_prefix, sys.prefix, str(Path(self._python()).resolve().parent.parent)}):
-            argv += ["--ro-bind", prefix, prefix]
+        python = Path(self._python())
+        venv = python.parent.parent  # a configured venv's own folder (its pyvenv.cfg), besides its base install
+        prefixes = {sys.base_prefix, sys.prefix, str(python.resolve().parent.parent)}
+        for prefix in sorted(prefixes | ({str(venv)} if (venv / "pyvenv.cfg").is_file() else set())):
+            argv += [*_open_folders(prefix, "/tmp"), "--ro-bind", prefix, prefix]
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
-                 "--proc", "/proc", "--dev", "/dev", "--chdir", os.path.normpath(os.path.join(WORKSPACE, cwd or "."))]
+                 "--proc", "/proc", "--dev", "/dev", "--size", str(cfg.memory_mb << 20), "--tmpfs", "/dev/shm",
+                 "--chdir", os.path.normpath(os.path.join(WORKSPACE, cwd or "."))]
         for host, inside in self.mounts.items():
             argv += ["--ro-bind", host, inside]
         for key, value in env.items():
@@ -148,17 +271,19 @@ class LocalSandbox(BaseSandbox):
         # bwrap tells the host pid of the namespace's first process on this pipe: `_kill` waits for it,
         # so that "stopped" means every process in the namespace is gone, not just bwrap.
         info_r, info_w = os.pipe() if self.isolation == "bwrap" else (None, None)
+        seccomp = self._open_seccomp()
+        extra = tuple(fd for fd in (info_w, seccomp) if fd is not None)
         try:
-            proc = subprocess.Popen(self._argv(command, cwd, info_w), cwd=host_cwd,
-                                    pass_fds=pass_fds + ((info_w,) if info_w is not None else ()),
-                                    start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
+            proc = subprocess.Popen(self._argv(command, cwd, info_w, seccomp), cwd=host_cwd,
+                                    pass_fds=pass_fds + extra, start_new_session=True, stdin=subprocess.DEVNULL,
+                                    **kwargs)
         except OSError as exc:
             if info_r is not None:
                 os.close(info_r)
             raise SandboxStartError(f"cannot start a process in sandbox {self.id}: {exc}") from exc
         finally:
-            if info_w is not None:
-                os.close(info_w)
+            for fd in extra:
+                os.close(fd)
         proc.info_fd = info_r  # type: ignore[attr-defined]
         with self._lock:
             if self._stopped:
@@ -167,9 +292,16 @@ class LocalSandbox(BaseSandbox):
             self._procs.add(proc)
         return proc
 
+    def _open_seccomp(self) -> Optional[int]:
+        path = self._require_root() / "etc" / "seccomp.bpf"
+        if self.isolation != "bwrap" or not path.exists():
+            return None
+        return os.open(path, os.O_RDONLY)
+
     def run(self, cmd: Union[str, Sequence[str]], cwd: Optional[str] = None,
             timeout: Optional[float] = None) -> tuple[int, str]:
         command = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        notices = self._notice_reader()
         proc = self._popen(command, cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -182,6 +314,9 @@ class LocalSandbox(BaseSandbox):
             _kill(proc)  # background children of the command die with it, as in a fresh shell's exit
             with self._lock:
                 self._procs.discard(proc)
+        notice = notices()
+        if notice:
+            out += f"\n[{notice}]".encode()
         return code, clip_bytes(out, OUTPUT_CAP).decode(errors="replace")
 
     def open_repl(self) -> ReplSession:
@@ -217,20 +352,64 @@ class LocalSandbox(BaseSandbox):
             shutil.rmtree(target, ignore_errors=True)
             return False
         for folder, _, _ in os.walk(target):
-            os.chown(folder, self._uid, self._uid)
+            os.chown(folder, self._uid, self._uid, follow_symlinks=False)
         return True
 
     def upload(self, path: str, data: bytes) -> None:
-        target = self._host_path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        """Write a file (and its missing folders) as the sandbox's own. Sandbox code may swap any folder or
+        the file for a symlink meanwhile, so no path is resolved twice: each folder is opened relative to
+        the one before it, never through a symlink, and owners are set on the open descriptors."""
+        mount, parts = self._inside_parts(path)
+        if not parts:
+            raise SandboxError(f"cannot upload to {path!r}: it is a folder")
+        folder = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for name in parts[:-1]:
+                folder = self._enter(folder, name, path)
+            fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644, dir_fd=folder)
+        except OSError as exc:
+            os.close(folder)
+            raise SandboxError(f"cannot upload to {path!r}: {exc}") from exc
+        os.close(folder)
         with os.fdopen(fd, "wb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a FIFO, or a hardlink to someone's file
+                raise SandboxError(f"cannot upload to {path!r}: not a plain file of the sandbox's own")
+            os.set_blocking(fd, True)
+            os.ftruncate(fd, 0)
             handle.write(data)
+            self._own(fd)
+
+    def _enter(self, folder: int, name: str, path: str) -> int:
+        """Open (making it if missing) the folder `name` in `folder`, closing `folder`; never via a symlink."""
+        try:
+            try:
+                os.mkdir(name, 0o755, dir_fd=folder)
+            except FileExistsError:
+                pass
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise SandboxError(f"cannot upload to {path!r}: {name!r} is not a folder") from exc
+            raise
+        finally:
+            os.close(folder)
+        self._own(inner)
+        return inner
+
+    def _own(self, fd: int) -> None:
         if self._uid is not None:
-            for node in [target, *target.parents]:
-                if node == self.root:
-                    break
-                os.chown(node, self._uid, self._uid)
+            os.fchown(fd, self._uid, self._uid)
+
+    def _inside_parts(self, path: str) -> tuple[Path, list[str]]:
+        """The host folder of the mount `path` (inside) is in, and the names below it (no `..`)."""
+        root = self._require_root()
+        full = os.path.normpath(path if os.path.isabs(path) else os.path.join(self.workdir, path))
+        for inside, host in ((self.workdir, root / "workspace"), (self._tmpdir(), root / "tmp")):
+            if full == inside or full.startswith(inside + "/"):
+                rest = os.path.relpath(full, inside)
+                return host, [] if rest == "." else rest.split("/")
+        raise SandboxError(f"path {path!r} is outside the sandbox's {self.workdir} and {self._tmpdir()}")
 
     def download(self, path: str) -> bytes:
         fd = os.open(self._host_path(path), os.O_RDONLY | os.O_NOFOLLOW)
@@ -286,6 +465,17 @@ def _system_mounts(network: bool) -> list[str]:
     return argv
 
 
+def _open_folders(path: str, under: str) -> list[str]:
+    """bwrap arguments making the folders between `under` and `path` (a mount point in the sandbox's own
+    /tmp) enterable: bwrap would make them with the host's modes, e.g. pytest's 0700 temp folders."""
+    argv: list[str] = []
+    parent = Path(path).parent
+    if parent != Path(under) and Path(under) in parent.parents:
+        argv += _open_folders(str(parent), under)
+        argv += ["--perms", "0755", "--dir", str(parent)]
+    return argv
+
+
 def _user_processes() -> int:
     """Processes and threads of our uid: RLIMIT_NPROC counts them all, so the limit is on top of them."""
     uid, count = os.getuid(), 0
@@ -299,25 +489,47 @@ def _user_processes() -> int:
     return count
 
 
+_info_lock = threading.Lock()
+
+
+def _child_pid(proc: subprocess.Popen) -> Optional[int]:
+    """The host pid of the first process in a bwrap's PID namespace, from its info fd (read once, when
+    bwrap has written it; None until then or without one)."""
+    with _info_lock:
+        info_fd = getattr(proc, "info_fd", None)
+        if info_fd is not None:
+            try:
+                os.set_blocking(info_fd, False)
+                data = os.read(info_fd, 4096)
+                proc.child_pid = json.loads(data).get("child-pid") if data else None  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return None
+            except (OSError, ValueError, AttributeError):
+                proc.child_pid = None  # type: ignore[attr-defined]
+            proc.info_fd = None  # type: ignore[attr-defined]
+            os.close(info_fd)
+        return getattr(proc, "child_pid", None)
+
+
+def _signal(pid: int) -> None:
+    """SIGKILL a process (a negative pid: a process group), if it is still there."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _kill(proc: subprocess.Popen) -> None:
     """Kill a sandbox process and everything in its namespace, and wait until they are all gone
     (idempotent)."""
-    info_fd = getattr(proc, "info_fd", None)
+    child = _child_pid(proc)
     pidfd = None
-    if info_fd is not None:
-        proc.info_fd = None  # type: ignore[attr-defined]
+    if child is not None:
         try:
-            os.set_blocking(info_fd, False)
-            info = json.loads(os.read(info_fd, 4096) or b"{}")
-            pidfd = os.pidfd_open(info["child-pid"]) if "child-pid" in info else None
-        except (OSError, ValueError, KeyError):
+            pidfd = os.pidfd_open(child)
+        except OSError:
             pass
-        finally:
-            os.close(info_fd)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _signal(-proc.pid)
     proc.wait()
     if pidfd is not None:  # the namespace's init exits only after the kernel has reaped all the rest
         select.select([pidfd], [], [], 10)
@@ -336,6 +548,12 @@ def _bwrap_problem() -> Optional[str]:
         probe.insert(1, "--unshare-user")
     result = subprocess.run(probe, capture_output=True, text=True)
     return None if result.returncode == 0 else f"bwrap cannot create namespaces here: {result.stderr.strip()}"
+
+
+def _check_python(python: Optional[str]) -> None:
+    """Raise `SandboxConfigError` when the configured interpreter cannot run: every start would fail."""
+    if python is not None and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise SandboxConfigError(f"sandbox.python={python!r} is not an executable file on this host")
 
 
 def _check_isolation(isolation: str) -> None:
