@@ -24,7 +24,9 @@ from rlm_pipelines.progress import ConsoleProgress
 from rlm_pipelines.tasks import Task, discover, resolve
 from rlm_pipelines.tree import RunTree
 
-STATUS_EXIT = {"ok": 0, "cancelled": 130}
+# The command's exit code per final status (1 for the rest): `partial` finished but some agents were
+# refused or cut; `terminated` ended by SIGTERM; `crashed` is recorded later for a run whose process died.
+STATUS_EXIT = {"ok": 0, "partial": 3, "cancelled": 130, "terminated": 143}
 
 
 @dataclass

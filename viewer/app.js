@@ -5,7 +5,8 @@
 
 const KNOWN_SCHEMA = "rlm-pipelines/run@1";
 const DEPTH_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"];
-const STATUSES = ["ok", "error", "running", "timeout", "budget_exceeded", "cancelled"];
+const STATUSES = ["ok", "partial", "error", "running", "timeout", "budget_exceeded", "cancelled", "terminated",
+  "crashed"];
 
 const data = window.RLM_DATA || null;
 const $ = (id) => document.getElementById(id);
