@@ -30,6 +30,9 @@ class ReplConfig:
     host_workers: int = 64
     # Seconds the server may take to start and say hello.
     start_timeout_s: float = 30.0
+    # Largest protocol message (one frame: a host call's arguments, a cell's result) in megabytes, on both
+    # sides of the channel; an oversize call gets an error in the cell, an oversize frame ends the REPL.
+    max_message_mb: int = 8
 
 
 @dataclass
@@ -165,6 +168,9 @@ class LimitsConfig:
     concurrency: int = 32  # parallel llm_query_batched calls (and sub-agents)
     result_truncation_limit: int = 8000  # characters of a sub-agent's findings its parent sees
     history_chars: int = 60_000  # characters of past turns in an agent's prompt (older turns dropped)
+    max_input_mb: int = 256  # a task's input files together (task.source, ...): larger fails up front
+    max_patch_mb: int = 20  # a repo agent's patch: a larger one is dropped and the run tree says so
+    max_record_mb: int = 20  # run.json (and the viewer's copy): texts are clipped to keep it under this
 
 
 @dataclass

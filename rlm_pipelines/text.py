@@ -8,6 +8,11 @@ text for the whole. The REPL server inside the sandbox cuts cell output the same
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def clip(text: str, limit: int, note: str = "") -> str:
     """`text` if it has at most `limit` characters; else its first and last characters, `limit` in all, with
@@ -31,3 +36,24 @@ def _halves(limit: int) -> tuple[int, int]:
     """How much of the head and of the tail to keep (the head gets the odd one)."""
     limit = max(limit, 0)
     return limit - limit // 2, limit // 2
+
+
+def safe_text(text: str) -> str:
+    """`text` with every lone surrogate (valid in JSON and in a Python str, not encodable as UTF-8) replaced
+    by U+FFFD, so model or sandbox text can always be written, printed and sent on."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+
+
+def safe_data(value: Any) -> Any:
+    """`safe_text` over every string (keys included) of JSON-like data: dicts, lists, tuples."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_data(k): safe_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [safe_data(v) for v in value]
+    return value
