@@ -16,18 +16,23 @@ def check_run(cfg: Any, offline_hint: str = "or choose model=scripted to run off
     'use the scripted model' (serve's override differs)."""
     from omegaconf import OmegaConf
 
+    from rlm_pipelines.config import check_ranges
     from rlm_pipelines.engines.base import engine_class
     from rlm_pipelines.models import MissingKeyError, check_key
-    from rlm_pipelines.sandbox import check_sandbox
-    from rlm_pipelines.tasks import resolve
+    from rlm_pipelines.sandbox import check_sandbox, typed_config
+    from rlm_pipelines.tasks import check_input_size, resolve
 
     try:
+        for section in ("model", "limits", "orchestration"):
+            check_ranges(OmegaConf.to_object(cfg[section]), f"{section}.")
+        check_ranges(typed_config(OmegaConf.to_object(cfg.sandbox)), "sandbox.")
         task, params = resolve(cfg)
         engine = engine_class(cfg.engine)
         if not isinstance(task, engine.task_type):
             raise ValueError(f"engine={cfg.engine.name} runs {engine.task_type.__name__}s and task={task.name} is "
                              f"not one; leave engine= out to use the task's own (engine={task.engine})")
         task.check(params)
+        check_input_size(task, params, cfg.limits.max_input_mb)
         check_sandbox(OmegaConf.to_object(cfg.sandbox))
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None

@@ -7,7 +7,8 @@ passed across into Prefect as plain data (`dataclasses.asdict`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -210,6 +211,73 @@ class RunConfig:
             from rlm_pipelines.sandbox import typed_config
 
             self.sandbox = typed_config(self.sandbox)
+
+
+# --------------------------------------------------------------------------- allowed ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: `low` (excluded when `above`) up to `high` (included)."""
+
+    low: float
+    high: Optional[float] = None
+    above: bool = False  # strictly above `low` (e.g. a timeout: > 0)
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if value < self.low or (self.above and value == self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        low = f"{'>' if self.above else '>='} {self.low:g}"
+        return low if self.high is None else f"{low} and <= {self.high:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Range(0), Range(1), Range(0, above=True)
+_MODEL_RANGES = {"temperature": Range(0, 2), "max_tokens": AT_LEAST_1, "timeout_s": ABOVE_0,
+                 "num_retries": Range(0, 20), "retry_base_s": AT_LEAST_0, "input_cost_per_mtok": AT_LEAST_0,
+                 "output_cost_per_mtok": AT_LEAST_0}
+
+# Every numeric setting (its key in the run config) -> the values it may take. A value outside fails before
+# anything starts (`check_ranges`, called by `checks.check_run` and `pipeline.open_run`): 0 or a negative
+# number never silently means "unlimited" or "nothing". tests/test_checks.py keeps every numeric field here.
+RANGES: dict[str, Range] = {
+    **{f"model.{key}": value for key, value in _MODEL_RANGES.items()},
+    **{f"model.sub.{key}": value for key, value in _MODEL_RANGES.items()},
+    "limits.max_iterations": AT_LEAST_1, "limits.max_llm_calls": AT_LEAST_1, "limits.max_depth": AT_LEAST_0,
+    "limits.max_sandboxes": AT_LEAST_1, "limits.max_tokens": AT_LEAST_1, "limits.max_cost_usd": ABOVE_0,
+    "limits.wall_time_s": ABOVE_0, "limits.max_output_chars": AT_LEAST_1, "limits.concurrency": AT_LEAST_1,
+    "limits.result_truncation_limit": AT_LEAST_1, "limits.history_chars": AT_LEAST_1,
+    "limits.max_input_mb": ABOVE_0, "limits.max_patch_mb": ABOVE_0, "limits.max_record_mb": ABOVE_0,
+    "orchestration.retries": Range(0, 20), "orchestration.retry_delay_s": AT_LEAST_0,
+    "sandbox.repl.cell_timeout_s": ABOVE_0, "sandbox.repl.kill_grace_s": AT_LEAST_0,
+    "sandbox.repl.output_limit_chars": AT_LEAST_1, "sandbox.repl.host_workers": AT_LEAST_1,
+    "sandbox.repl.start_timeout_s": ABOVE_0, "sandbox.repl.max_message_mb": AT_LEAST_1,
+    # local: the REPL server itself needs about 64 MB and a few threads to start
+    "sandbox.memory_mb": Range(128), "sandbox.cpu_seconds": AT_LEAST_1, "sandbox.disk_mb": AT_LEAST_1,
+    "sandbox.file_size_mb": AT_LEAST_1, "sandbox.max_processes": Range(8), "sandbox.watch_interval_s": Range(0.01, 10),
+    "sandbox.daytona.cpu": AT_LEAST_1, "sandbox.daytona.memory_gb": AT_LEAST_1, "sandbox.daytona.disk_gb": AT_LEAST_1,
+    "sandbox.daytona.auto_stop_minutes": AT_LEAST_0, "sandbox.daytona.auto_delete_minutes": AT_LEAST_0,
+    "sandbox.daytona.ttl_minutes": AT_LEAST_1, "sandbox.daytona.repl_port": Range(1, 65535),
+    "sandbox.daytona.create_timeout_s": ABOVE_0, "sandbox.daytona.gateway_retry_s": AT_LEAST_0,
+}
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """Raise ValueError naming the first numeric setting of `config` (a config dataclass, e.g. a RunConfig
+    or its `limits` with prefix "limits.") outside its range in RANGES. Unset (null) values are not checked."""
+    for item in fields(config):
+        value, key = getattr(config, item.name), f"{prefix}{item.name}"
+        if is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        allowed = RANGES.get(key)
+        if allowed is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not allowed.allows(value):
+            raise ValueError(f"{key}={value!r} is out of range: it must be {allowed}")
 
 
 def register_configs() -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from omegaconf import OmegaConf
 
 from rlm_pipelines.budget import Budget, BudgetExceeded
-from rlm_pipelines.config import RunConfig
+from rlm_pipelines.config import RunConfig, check_ranges
 from rlm_pipelines.engines.base import Engine, engine_class
 from rlm_pipelines.models import Usage, UsageLedger
 from rlm_pipelines.models.scripted import serve_task_script
@@ -61,6 +61,7 @@ def _typed(config: dict[str, Any]) -> RunConfig:
 
 def open_run(config: dict[str, Any], run_dir: str) -> Run:
     cfg = _typed(config)
+    check_ranges(cfg)  # runs that no CLI checked (scheduled, in-process) fail on a bad setting too
     task, params = resolve(OmegaConf.create(config), discover())
     progress = ConsoleProgress(cfg.orchestration.progress)
     ledger = UsageLedger(listener=lambda record: progress.advance() if record.role == "sub" else None)

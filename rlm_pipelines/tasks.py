@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,6 +48,11 @@ class Task:
 
     def check(self, params: Any) -> None:
         """Raise ValueError/FileNotFoundError with a message that says what to do."""
+
+    def input_files(self, params: Any) -> list[tuple[str, Path]]:
+        """The host files the task reads as its input, each with the setting that names it (e.g.
+        ("task.source", path)): their total size is bounded by `limits.max_input_mb` before anything starts."""
+        return []
 
     def script(self, params: Any) -> Any:
         """The scripted policy (a `rlm_pipelines.models.scripted.Script`) for `model=scripted`."""
@@ -80,6 +87,19 @@ class DocumentTask(Task):
 
     def build_inputs(self, params: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def check_input_size(task: Task, params: Any, max_input_mb: float) -> None:
+    """Raise ValueError when the task's input files together exceed `limits.max_input_mb`: the host holds
+    the inputs in memory (several copies while it splits and sends them), so an unbounded file would take the
+    host down instead of failing."""
+    sizes = [(path.stat().st_size if path.is_file() else 0, key, path) for key, path in task.input_files(params)]
+    total = sum(size for size, _, _ in sizes)
+    if total > max_input_mb * 2**20:
+        size, key, path = max(sizes, key=lambda item: item[0])
+        raise ValueError(f"the task's input is {total / 2**20:.0f} MB (largest: {key} {str(path)!r}, "
+                         f"{size / 2**20:.0f} MB), over limits.max_input_mb={max_input_mb:g}: give a smaller "
+                         f"input, or raise limits.max_input_mb (limits=large allows 1024)")
 
 
 def discover() -> dict[str, Task]:
@@ -141,8 +161,7 @@ class RepoTask(Task):
     params: type = RepoParams
 
     def check(self, params: RepoParams) -> None:
-        if not params.repo:
-            raise ValueError("task.repo is empty: give a git URL or a local repository path, e.g. task.repo=.")
+        check_repo(params.repo)
 
     def prompt(self, params: RepoParams) -> str:
         return params.prompt
@@ -153,3 +172,37 @@ class RepoTask(Task):
         except ValueError:
             return {"report": text}
         return value if isinstance(value, dict) else {"report": value}
+
+
+URL = re.compile(r"^(https?|ssh|git|file)://[^\s/]*(/\S*)?$")
+SCP = re.compile(r"^[\w.-]+@[\w.-]+:\S+$")  # git's scp-like syntax: git@github.com:owner/repo.git
+
+
+def check_repo(repo: str) -> None:
+    """Raise ValueError/FileNotFoundError unless `task.repo` is a well-formed git URL or a local git repository:
+    a bad one fails before any sandbox starts, and a value git would read as an option never reaches it."""
+    if not repo:
+        raise ValueError("task.repo is empty: give a git URL or a local repository path, e.g. task.repo=.")
+    if repo.startswith("-"):
+        raise ValueError(f"task.repo={repo!r} starts with '-': give a git URL or a local repository path")
+    if "://" in repo:
+        if not URL.match(repo) or (not repo.startswith("file:") and not _hostname(repo)):
+            raise ValueError(f"task.repo={repo!r} is not a valid git URL: use https://host/owner/repo.git, "
+                             f"ssh://host/path, git@host:owner/repo.git or a local path")
+        return
+    if SCP.match(repo):
+        return
+    path = Path(repo).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"task.repo={repo!r} is not a folder on this machine nor a git URL: give the "
+                                f"path of a local git repository or a URL (https://..., git@host:...)")
+    if not ((path / ".git").exists() or (path / "HEAD").is_file()):
+        raise ValueError(f"task.repo={repo!r} is a folder but not a git repository (no .git): run `git init` "
+                         f"there and commit, or give the repository's own folder")
+
+
+def _hostname(url: str) -> Optional[str]:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:  # e.g. a malformed port or IPv6 address
+        return None

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from rlm_pipelines.engines.base import EngineResult
-from rlm_pipelines.tasks import DocumentTask
+from rlm_pipelines.tasks import DocumentTask, check_input_size
 
 
 class DocumentEngine:
@@ -23,6 +23,7 @@ class DocumentEngine:
         self.config = config
 
     def prepare(self, run: Any) -> dict[str, Any]:
+        check_input_size(run.task, run.params, run.cfg.limits.max_input_mb)  # also for runs the CLI did not check
         started = time.perf_counter()
         run.inputs = run.task.build_inputs(run.params)
         sizes = {k: (len(v) if isinstance(v, (list, str)) else 1) for k, v in run.inputs.items()}

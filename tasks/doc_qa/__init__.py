@@ -55,6 +55,9 @@ class DocQA(DocumentTask):
             raise ValueError("task.question is empty: say what to answer, e.g. task.question='Who wrote it?'")
         expand(params.documents, params.max_files)
 
+    def input_files(self, params: DocQAParams) -> list[tuple[str, Path]]:
+        return [("task.documents", path) for path in expand(params.documents, params.max_files)]
+
     def build_inputs(self, params: DocQAParams) -> dict[str, Any]:
         texts = [f"# file: {p}\n{p.read_text(encoding='utf-8', errors='replace')}"
                  for p in expand(params.documents, params.max_files)]

@@ -49,6 +49,9 @@ class MonteCristo(DocumentTask):
         if not params.characters:
             raise ValueError("task.characters is empty: name at least one character")
 
+    def input_files(self, params: MonteCristoParams) -> list[tuple[str, Path]]:
+        return [("task.source", Path(params.source).expanduser())] if params.source else []
+
     def build_inputs(self, params: MonteCristoParams) -> dict[str, Any]:
         chapters = book.split_chapters(book.load_text(params.source))
         lines = "\n".join(f"- {name}: {', '.join(variants)}" for name, variants in params.characters.items())
