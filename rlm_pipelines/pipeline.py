@@ -156,7 +156,7 @@ def is_transient_infra(exc: BaseException) -> bool:
     while exc is not None and all(exc is not seen for seen in chain):
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    if any(isinstance(e, SandboxConfigError) for e in chain):  # anywhere in the chain: another try cannot help
+    if any(isinstance(e, (SandboxConfigError, BudgetExceeded)) for e in chain):  # another try cannot help
         return False
     return any(isinstance(e, SandboxStartError) or getattr(e, "transient", False) for e in chain)
 

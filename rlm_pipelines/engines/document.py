@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.tasks import DocumentTask, check_input_size
 
@@ -39,8 +40,8 @@ class DocumentEngine:
 
         task, cfg, tree, budget = run.task, run.cfg, run.tree, run.budget
         spec, limits = cfg.model, cfg.limits
-        root_lm = build_dspy_lm(spec, budget.ledger, role="root")
-        sub_lm = build_dspy_lm(sub_spec(spec), budget.ledger, role="sub")
+        root_lm = build_dspy_lm(spec, budget.ledger, role="root", deadline=budget.deadline)
+        sub_lm = build_dspy_lm(sub_spec(spec), budget.ledger, role="sub", deadline=budget.deadline)
         signature = dspy.Signature(task.signature, task.instructions)
         agent = tree.add_node("agent", task.instructions or task.signature)
 
@@ -48,11 +49,16 @@ class DocumentEngine:
             tree.update_node(agent, sandbox_id=sandbox_id)
             tree.count("sandboxes")
 
-        rlm = SandboxRLM(signature, interpreter_factory=SandboxInterpreterFactory(cfg.sandbox, on_start=started),
+        factory = SandboxInterpreterFactory(cfg.sandbox, on_start=started, deadline=budget.deadline)
+        rlm = SandboxRLM(signature, interpreter_factory=factory,
                          batch_concurrency=limits.concurrency, max_iters=limits.max_iterations,
                          max_llm_calls=limits.max_llm_calls, max_output_chars=limits.max_output_chars,
                          sub_lm=sub_lm)
         rlm.observer = TreeObserver(tree, agent, budget, run.progress, root_lm, limits.max_iterations)
-        with dspy.context(lm=root_lm):
-            prediction = rlm(**run.inputs)
+        try:
+            with dspy.context(lm=root_lm):
+                prediction = rlm(**run.inputs)
+        except BudgetExceeded as exc:  # a cell, a model call or the check between iterations met a limit
+            tree.end_node(agent, exc.status, error=str(exc))
+            raise
         return EngineResult({name: getattr(prediction, name) for name in signature.output_fields})

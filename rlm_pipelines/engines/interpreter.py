@@ -12,7 +12,7 @@ Inputs here cross once (`set_vars`); dspy passes them on every `execute`, so unc
 
 Errors: the model's own mistakes (syntax, exceptions, a cell timeout, a rejected SUBMIT, even a killed REPL,
 which restarts) are `SyntaxError` / `CodeExecutionError` and go back to the model; `CodeInterpreterError`
-only when the sandbox cannot run code at all.
+only when the sandbox cannot run code at all; `BudgetExceeded` (timeout) when the run's deadline cut the cell.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
 
+from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
 from rlm_pipelines.repl.session import ReplError, ReplSession
@@ -36,9 +38,10 @@ _IMMUTABLE = (str, bytes, int, float, bool, type(None), tuple, frozenset)
 class SandboxInterpreter:
     def __init__(self, config: Optional[SandboxConfig] = None, tools: Optional[dict[str, Callable]] = None,
                  output_fields: Optional[list[dict[str, Any]]] = None,
-                 on_start: Optional[Callable[[str], None]] = None):
+                 on_start: Optional[Callable[[str], None]] = None, deadline: Optional[float] = None):
         self.config = config or SandboxConfig()
         self.on_start = on_start  # told the sandbox id once it runs (the run tree records it)
+        self.deadline = deadline  # the run's end (time.monotonic()): a cell still running then is cut
         self.tools: dict[str, Callable[..., Any]] = dict(tools or {})
         self.output_fields = output_fields
         self._tools_registered = False  # dspy's RLM resets this when it injects fresh tools
@@ -109,16 +112,23 @@ class SandboxInterpreter:
         if not code.strip():
             return prompts.load("no_code").format(detail="the code was empty")
         try:
-            result = session.execute(code)
+            result = session.execute(code, deadline=self.deadline)
         except ReplError as exc:
             raise CodeInterpreterError(f"the sandbox REPL cannot run code: {exc}") from exc
         if result.final is not None:
             return FinalOutput(result.final["value"])
+        self._check_deadline()
         if result.error is not None:
             if result.error.type == "SyntaxError":
                 raise SyntaxError(result.output())
             raise CodeExecutionError(result.output())
         return result.output() or None
+
+    def _check_deadline(self) -> None:
+        """After a cell: at the run's deadline the run ends (the cell was cut there), whatever the cell said."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise BudgetExceeded("wall time limit reached (limits.wall_time_s): the running cell was cut at the "
+                                 "run's deadline", status="timeout")
 
     def _register(self, session: ReplSession) -> None:
         fields = [f["name"] for f in self.output_fields] if self.output_fields is not None else None
@@ -153,12 +163,14 @@ class SandboxInterpreterFactory:
     """What `dspy.RLM(interpreter_factory=...)` takes: a zero-argument callable, plus the
     `execution_instructions` RLM puts into the model's prompt, describing this sandbox truthfully."""
 
-    def __init__(self, config: Optional[SandboxConfig] = None, on_start: Optional[Callable[[str], None]] = None):
+    def __init__(self, config: Optional[SandboxConfig] = None, on_start: Optional[Callable[[str], None]] = None,
+                 deadline: Optional[float] = None):
         self.config = config or SandboxConfig()
         self.on_start = on_start
+        self.deadline = deadline
 
     def __call__(self) -> SandboxInterpreter:
-        return SandboxInterpreter(self.config, on_start=self.on_start)
+        return SandboxInterpreter(self.config, on_start=self.on_start, deadline=self.deadline)
 
     @property
     def execution_instructions(self) -> str:

@@ -57,7 +57,7 @@ class RepoRun:
         self.limits = cfg.limits
         self.mirror, self.commit, self.url = mirror, commit, url
         self.llm = LLMClient(cfg.model, budget.ledger)
-        self.deadline = time.monotonic() + self.limits.wall_time_s
+        self.deadline = budget.deadline  # one deadline for the whole run, from when it opened
         self.stop = threading.Event()
         self.stop_reason: Optional[BudgetExceeded] = None
         self._created = 0  # sandboxes made over the run's lifetime (limits.max_sandboxes bounds it)

@@ -20,8 +20,9 @@ __all__ = ["CallRecord", "Completion", "LLMClient", "MissingKeyError", "ModelErr
            "UsageLedger", "build_dspy_lm", "check_key", "register_prices", "sub_spec"]
 
 
-def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "") -> Any:
+def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
+                  deadline: Optional[float] = None) -> Any:
     """See `rlm_pipelines.models.dspy_lm.build_dspy_lm` (a wrapper, so dspy is imported only when asked for)."""
     from rlm_pipelines.models.dspy_lm import build_dspy_lm as build
 
-    return build(spec, ledger, role)
+    return build(spec, ledger, role, deadline)

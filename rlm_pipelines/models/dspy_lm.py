@@ -21,9 +21,10 @@ from typing import Any, Iterator, Optional
 
 import dspy
 
+from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.config import ModelSpec
-from rlm_pipelines.models.litellm_client import (ModelError, litellm_kwargs, register_prices, warn_unpriced,
-                                                 with_retries, with_retries_async)
+from rlm_pipelines.models.litellm_client import (ModelError, call_timeout, litellm_kwargs, register_prices,
+                                                 warn_unpriced, with_retries, with_retries_async)
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
 
 # The history entry of the call in progress. A context variable, not an attribute: llm_query_batched runs
@@ -31,14 +32,15 @@ from rlm_pipelines.models.usage import CallRecord, UsageLedger
 _entry_box: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("rlm_dspy_entry", default=None)
 
 
-def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "") -> "RecordingLM":
+def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
+                  deadline: Optional[float] = None) -> "RecordingLM":
     """A `dspy.LM` for `spec` that records every call into `ledger` (see `RecordingLM`), with the scripted
     provider installed and the model's prices registered."""
     from rlm_pipelines.models import scripted
 
     scripted.install()
     register_prices(spec)
-    return RecordingLM(spec, ledger, role)
+    return RecordingLM(spec, ledger, role, deadline)
 
 
 class RecordingLM(dspy.LM):
@@ -48,26 +50,38 @@ class RecordingLM(dspy.LM):
     reply (the run tree records them per iteration).
 
     The key is read from its env var here, when the run builds its LM; dspy keeps it in `lm.kwargs` and
-    strips every `api_*` argument from what it records."""
+    strips every `api_*` argument from what it records.
 
-    def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = ""):
+    `deadline` (time.monotonic()), the run's end: each attempt's timeout is cut to the time left, and at the
+    deadline a call raises `BudgetExceeded` (timeout) instead of starting or retrying."""
+
+    def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
+                 deadline: Optional[float] = None):
         kwargs = litellm_kwargs(spec)
         super().__init__(spec.model, engine="litellm", cache=False, num_retries=0,
                          temperature=kwargs.pop("temperature"), max_tokens=kwargs.pop("max_tokens"), **kwargs)
-        self.spec, self.ledger, self.role = spec, ledger, role
+        self.spec, self.ledger, self.role, self.deadline = spec, ledger, role, deadline
         self._last = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().__call__
         with self._recording() as call:
-            result, call.attempts = with_retries(lambda: call_dspy(*args, **kwargs), self.spec)
+            result, call.attempts = with_retries(lambda: call_dspy(*args, **self._bounded(kwargs)), self.spec,
+                                                 self.deadline)
         return result
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().acall
         with self._recording() as call:
-            result, call.attempts = await with_retries_async(lambda: call_dspy(*args, **kwargs), self.spec)
+            result, call.attempts = await with_retries_async(lambda: call_dspy(*args, **self._bounded(kwargs)),
+                                                             self.spec, self.deadline)
         return result
+
+    def _bounded(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """This attempt's arguments, its timeout cut to the time left before the deadline."""
+        if self.deadline is None:
+            return kwargs
+        return {**kwargs, "timeout": call_timeout(self.spec, self.deadline)}
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[SimpleNamespace]:
@@ -81,7 +95,7 @@ class RecordingLM(dspy.LM):
             # dspy skips update_history when history is disabled; ours keeps nothing beyond this call.
             with dspy.context(disable_history=False):
                 yield call
-        except ModelError as exc:
+        except (ModelError, BudgetExceeded) as exc:
             self._record_failure(exc, started)
             raise
         finally:
@@ -101,10 +115,11 @@ class RecordingLM(dspy.LM):
                                        cost_usd=float(cost or 0.0), duration_s=time.perf_counter() - started,
                                        attempts=attempts, role=self.role))
 
-    def _record_failure(self, exc: ModelError, started: float) -> None:
+    def _record_failure(self, exc: Exception, started: float) -> None:
+        attempts = exc.attempts if isinstance(exc, ModelError) else 1
         if self.ledger is not None:
             self.ledger.add(CallRecord(self.spec.model, duration_s=time.perf_counter() - started, ok=False,
-                                       error=str(exc), attempts=exc.attempts, role=self.role))
+                                       error=str(exc), attempts=attempts, role=self.role))
 
     def update_history(self, entry: dict[str, Any]) -> None:
         # Only what we need is kept, and only for this call: dspy's own history would hold every prompt

@@ -162,14 +162,14 @@ def retry_delay(exc: Exception, attempt: int, spec: ModelSpec, deadline: Optiona
 
 def with_retries(call: Callable[[], T], spec: ModelSpec, deadline: Optional[float] = None) -> tuple[T, int]:
     """Run `call`, retrying transient errors per `retry_delay`; returns (result, attempts). The final
-    failure is a `ModelError`."""
+    failure is a `ModelError`; at the run's `deadline` (time.monotonic()) it is `BudgetExceeded` (timeout),
+    never retried: no attempt starts after it, and a call that fails once it passed failed because of it."""
     for attempt in itertools.count():
+        check_deadline(deadline, spec)
         try:
             return call(), attempt + 1
         except Exception as exc:
-            delay = retry_delay(exc, attempt, spec, deadline)
-            if delay is None:
-                raise as_model_error(exc, spec.model, attempt + 1) from exc
+            delay = _next_delay(exc, attempt, spec, deadline)
             _log_retry(spec, exc, attempt, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -179,15 +179,47 @@ async def with_retries_async(call: Callable[[], Awaitable[T]], spec: ModelSpec,
                              deadline: Optional[float] = None) -> tuple[T, int]:
     """`with_retries` for coroutines (dspy's `acall`): the same policy, waiting without blocking the loop."""
     for attempt in itertools.count():
+        check_deadline(deadline, spec)
         try:
             return await call(), attempt + 1
         except Exception as exc:
-            delay = retry_delay(exc, attempt, spec, deadline)
-            if delay is None:
-                raise as_model_error(exc, spec.model, attempt + 1) from exc
+            delay = _next_delay(exc, attempt, spec, deadline)
             _log_retry(spec, exc, attempt, delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def call_timeout(spec: ModelSpec, deadline: Optional[float]) -> float:
+    """The timeout of one attempt: the model's `timeout_s`, cut to the time left before the deadline."""
+    if deadline is None:
+        return spec.timeout_s
+    return max(0.1, min(spec.timeout_s, deadline - time.monotonic()))
+
+
+def check_deadline(deadline: Optional[float], spec: ModelSpec) -> None:
+    """Raise BudgetExceeded (timeout) once the run's deadline has passed."""
+    if deadline is not None and time.monotonic() >= deadline:
+        from rlm_pipelines.budget import BudgetExceeded  # here: budget imports this package
+
+        raise BudgetExceeded(f"wall time limit reached (limits.wall_time_s) during a call to model {spec.model}",
+                             status="timeout")
+
+
+def _next_delay(exc: Exception, attempt: int, spec: ModelSpec, deadline: Optional[float]) -> float:
+    """The wait before the next attempt, or raise: the deadline's BudgetExceeded as it is, a failure after
+    the deadline as one, anything else that is not retried as a ModelError."""
+    from rlm_pipelines.budget import BudgetExceeded
+
+    if isinstance(exc, BudgetExceeded):
+        raise exc
+    try:
+        check_deadline(deadline, spec)
+    except BudgetExceeded as timeout:
+        raise timeout from exc
+    delay = retry_delay(exc, attempt, spec, deadline)
+    if delay is None:
+        raise as_model_error(exc, spec.model, attempt + 1) from exc
+    return delay
 
 
 def _log_retry(spec: ModelSpec, exc: Exception, attempt: int, delay: float) -> None:
@@ -247,14 +279,15 @@ class LLMClient:
         started = time.perf_counter()
 
         def once() -> Any:  # the key is read per attempt, so a rotated key is picked up
-            kwargs = {**litellm_kwargs(spec), **overrides}
+            kwargs = {**litellm_kwargs(spec), "timeout": call_timeout(spec, deadline), **overrides}
             return litellm.completion(model=spec.model, messages=messages, num_retries=0, **kwargs)
 
         try:
             response, attempts = with_retries(once, spec, deadline)
-        except ModelError as exc:
+        except Exception as exc:  # a ModelError, or the deadline's BudgetExceeded
+            attempts = exc.attempts if isinstance(exc, ModelError) else 1
             self.ledger.add(CallRecord(spec.model, duration_s=time.perf_counter() - started, ok=False,
-                                       error=str(exc), attempts=exc.attempts, role=self.role))
+                                       error=str(exc), attempts=attempts, role=self.role))
             raise
         usage = getattr(response, "usage", None)
         record = CallRecord(spec.model, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
