@@ -154,6 +154,25 @@ def repl_server_processes():
     return found
 
 
+def descendants(pid):
+    """Pids of every process below `pid` (its children, theirs, ...): what a test watches instead of every
+    process on the machine, so runs of other tests in parallel do not confuse it."""
+    children = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def api(url, path, body=None):
     """POST to a Prefect server's API."""
     request = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(),
