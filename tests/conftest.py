@@ -141,17 +141,23 @@ def plugin_path(tmp_path_factory):
     return str(site)
 
 
-def repl_server_processes():
-    """Host pids of REPL servers running in sandboxes (local ones), by their command line."""
+def repl_server_processes(under=None):
+    """Host pids of REPL servers running in local sandboxes, by their command line: those below the process
+    `under` (a CLI a test started, or the test process itself), else every one on the machine."""
     found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if b"/.rlm/server.py" in Path(f"/proc/{entry.name}/cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
+    for pid in (descendants(under) if under is not None else [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]):
+        try:
+            if b"/.rlm/server.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
     return found
+
+
+def still_running(pids):
+    """Those of `pids` that still exist (a process that has not been reaped yet counts while it is a zombie
+    for at most a moment; the servers we look for are reaped by their sandbox's init)."""
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
 def descendants(pid):

@@ -17,7 +17,7 @@ import pytest
 from rlm_pipelines.models import scripted
 from rlm_pipelines.models.scripted import register_script
 from rlm_tasks.needles import task as needles
-from tests.conftest import cli, descendants, run_dir_of
+from tests.conftest import cli, descendants, run_dir_of, still_running
 from tests.fakes.openai_server import OpenAIServer
 
 OFFLINE = ["task=needles", "model=scripted", "orchestration.prefect=false"]
@@ -55,10 +55,6 @@ def wait_for(condition, what, proc=None, timeout=180):
 
 def sandbox_folders(root: Path):
     return sorted(root.glob("rlm-*")) if root.is_dir() else []
-
-
-def alive(pids):
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
 # --------------------------------------------------------------------------- point 8
@@ -135,7 +131,7 @@ def test_sigterm_ends_an_in_process_run_as_terminated_and_cleans_its_sandbox(tmp
     assert run["status"] == "terminated"
     assert json.loads((folder / "summary.json").read_text())["status"] == "terminated"
     assert sandbox_folders(sandboxes) == []
-    assert alive(mine) == []
+    assert still_running(mine) == []
 
 
 @pytest.fixture
