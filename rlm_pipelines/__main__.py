@@ -8,6 +8,7 @@ config groups are the package's own (`rlm_pipelines.paths.conf_dir()`), plus any
 from __future__ import annotations
 
 import sys
+import time
 
 from rlm_pipelines.checks import UsageError, check_run
 from rlm_pipelines.environment import apply_defaults
@@ -23,32 +24,82 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _safe_logs() -> None:
+    """Log lines carry model and sandbox text: a lone surrogate in one must not break the log handler."""
+    import logging
+
+    from rlm_pipelines.text import safe_text
+
+    class SafeText(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            try:
+                record.msg, record.args = safe_text(record.getMessage()), None
+            except Exception:  # noqa: BLE001 - a malformed record is the handler's to report
+                pass
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SafeText())
+
+
+def _say(text: str) -> None:
+    from rlm_pipelines.text import safe_text
+
+    print(safe_text(text), file=sys.stderr)
+
+
 def _app(cfg) -> int:
+    from pathlib import Path
+
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from rlm_pipelines.orchestration import run_pipeline
-    from rlm_pipelines.pipeline import STATUS_EXIT
+    from rlm_pipelines.pipeline import STATUS_EXIT, Terminated
+    from rlm_pipelines.records import FolderTaken, is_disk_full, mark_crashed
 
     _quiet_libraries()
+    _safe_logs()
     check_run(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
     config = OmegaConf.to_container(cfg, resolve=True)
-    print(f"run: task={cfg.task.name} model={cfg.model.name} -> {run_dir}", file=sys.stderr)
+    for folder in mark_crashed(Path(cfg.orchestration.outputs_dir)):
+        _say(f"note: the run in {folder} was still `running` but its process is gone: recorded as crashed")
+    _say(f"run: task={cfg.task.name} model={cfg.model.name} -> {run_dir}")
     try:
         summary = run_pipeline(config, run_dir)
+    except FolderTaken as exc:
+        _say(f"error: {exc}")
+        return 2
+    except Terminated as exc:
+        _say(f"terminated ({exc}): run.json in {run_dir} records everything up to now")
+        return 143
     except KeyboardInterrupt:
-        print(f"cancelled: run.json in {run_dir} records everything up to now", file=sys.stderr)
+        _say(f"cancelled: run.json in {run_dir} records everything up to now")
         return 130
     except Exception as exc:  # recorded in run.json and summary.json; a sweep goes on with its next job
-        print(f"error: {type(exc).__name__}: {exc}\n(run.json and summary.json in {run_dir})", file=sys.stderr)
+        full = is_disk_full(exc)
+        if full is not None:
+            _say(f"error: {full if 'disk full' in str(full) else f'disk full: {full}'}")
+            return 1
+        _say(f"error: {type(exc).__name__}: {exc}\n(run.json and summary.json in {run_dir})")
         return 1
-    print(f"{summary['status']}: {summary['iterations']} iterations, {summary['llm_calls']} llm calls, "
-          f"{summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}, {summary['wall_time_s']:.1f} s -> "
-          f"{run_dir}", file=sys.stderr)
+    _say(f"{summary['status']}: {_figures(summary)} -> {run_dir}")
     if summary.get("error"):
-        print(f"error: {summary['error']}", file=sys.stderr)
+        _say(f"error: {summary['error']}")
     return STATUS_EXIT.get(summary["status"], 1)
+
+
+def _figures(summary: dict) -> str:
+    """The final line's figures: the work, the cost, the score of a scored task, and the time the user
+    waited in all (start-up included) beside the run's own part."""
+    from rlm_pipelines.records import process_started_at
+
+    score = summary.get("score")
+    scored = "" if score is None else f"score {score:.2f}, " if isinstance(score, (int, float)) else f"score {score}, "
+    total = time.time() - process_started_at()
+    return (f"{summary['iterations']} iterations, {summary['llm_calls']} llm calls, {summary['tokens']:,} tokens, "
+            f"${summary['cost_usd']:.4f}, {scored}{total:.1f} s in all (the run {summary['wall_time_s']:.1f} s)")
 
 
 def main() -> None:
@@ -70,9 +121,11 @@ def main() -> None:
         except UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             codes.append(2)
-        except KeyboardInterrupt:  # before the run started: nothing to record
+        except KeyboardInterrupt as exc:  # before the run started: nothing to record
+            from rlm_pipelines.pipeline import Terminated
+
             print("cancelled before the run started", file=sys.stderr)
-            codes.append(130)
+            codes.append(143 if isinstance(exc, Terminated) else 130)
 
     app()
     sys.exit(max(codes, default=0))

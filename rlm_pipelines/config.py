@@ -286,7 +286,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from rlm_pipelines.paths import run_folder
+    from rlm_pipelines.paths import hydra_run_folder, process_run_id
 
     from rlm_pipelines.sandbox import BACKENDS, backend
 
@@ -294,4 +294,5 @@ def register_configs() -> None:
     store.store(name="run_schema", node=RunConfig)
     for kind in BACKENDS:  # conf/sandbox/<kind>.yaml extends its schema (kept out of --help)
         store.store(name=f"sandbox_schema_{kind}", node=backend(kind).config_class)
-    OmegaConf.register_new_resolver("rlm_run_folder", run_folder, replace=True)
+    OmegaConf.register_new_resolver("rlm_run_folder", hydra_run_folder, replace=True)
+    OmegaConf.register_new_resolver("rlm_run_id", process_run_id, replace=True)

@@ -7,7 +7,6 @@ module never imports the orchestration: it is what gets orchestrated.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,12 +20,18 @@ from rlm_pipelines.models import Usage, UsageLedger
 from rlm_pipelines.models.scripted import serve_task_script
 from rlm_pipelines.paths import run_folder
 from rlm_pipelines.progress import ConsoleProgress
+from rlm_pipelines.records import write_json
 from rlm_pipelines.tasks import Task, discover, resolve
 from rlm_pipelines.tree import RunTree
 
 # The command's exit code per final status (1 for the rest): `partial` finished but some agents were
 # refused or cut; `terminated` ended by SIGTERM; `crashed` is recorded later for a run whose process died.
 STATUS_EXIT = {"ok": 0, "partial": 3, "cancelled": 130, "terminated": 143}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: the run ends as on Ctrl-C (every clean-up that Ctrl-C gets runs: sandboxes are
+    stopped), and is recorded as `terminated`."""
 
 
 @dataclass
@@ -90,7 +95,7 @@ def run_engine(run: Run) -> dict[str, Any]:
 
 
 def write_outputs(run: Run) -> list[str]:
-    (run.run_dir / "result.json").write_text(json.dumps(run.result, ensure_ascii=False, indent=1, default=str))
+    write_json(run.run_dir / "result.json", run.result)
     files = ["result.json"]
     if run.patch:
         # A patch that does not apply to a fresh checkout is kept for reading, under a name that says so.
@@ -123,7 +128,7 @@ def summarize(run: Run) -> dict[str, Any]:
         **usage.as_tree(), "wall_time_s": tree["duration_s"], "score": score, "run_dir": str(run.run_dir.resolve()),
         "files": ["run.json", *run.files, "summary.json"],
     }
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+    write_json(run.run_dir / "summary.json", summary)
     return summary
 
 
@@ -140,6 +145,8 @@ def finish(run: Run, status: str, error: Optional[str] = None) -> dict[str, Any]
 
 
 def status_of(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return "terminated"
     if isinstance(exc, KeyboardInterrupt):
         return "cancelled"
     if isinstance(exc, BudgetExceeded):

@@ -11,7 +11,6 @@ lists the ids of the nodes it spawned, recorded as they are created, never infer
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlm_pipelines.models.usage import Usage
+from rlm_pipelines.records import process_identity, write_atomic
 from rlm_pipelines.text import clip
 
 SCHEMA = "rlm-pipelines/run@1"
@@ -43,6 +43,7 @@ class RunTree:
         self.started = time.time()
         self.run: dict[str, Any] = {
             "schema": SCHEMA, "id": meta.pop("id", uuid.uuid4().hex[:12]), "status": "running",
+            "process": process_identity(),  # near the top: the next run reads only the head to tell a crash
             "started_at": _now(), "ended_at": None, "duration_s": 0.0,
             "usage": {**Usage().as_tree(), "sandboxes": 0},
             "result": None, "error": None, "root": None, **meta,
@@ -123,18 +124,17 @@ class RunTree:
             self.run.update(status=status, result=result, error=error, ended_at=_now(),
                             duration_s=round(time.time() - self.started, 3))
             root = self.run["root"]
-            if root is not None and root["status"] == "running":
-                self.end_node(root["id"], status, error=error)
+            if root is not None and root["status"] == "running":  # the document engine's agent: its result is the run's
+                self.end_node(root["id"], status, result=result, error=error)
         self.save()
 
     def save(self) -> None:
+        """Rewrite run.json whole (valid UTF-8 whatever the model wrote); on a full disk the last good
+        version stays and `records.DiskFull` is raised."""
         with self._lock:
             self.run["duration_s"] = round(time.time() - self.started, 3)
             data = json.dumps(self.run, ensure_ascii=False, indent=1, default=str)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, data)
 
     @property
     def agents(self) -> int:

@@ -141,16 +141,41 @@ def plugin_path(tmp_path_factory):
     return str(site)
 
 
-def repl_server_processes():
-    """Host pids of REPL servers running in sandboxes (local ones), by their command line."""
+def repl_server_processes(under=None):
+    """Host pids of REPL servers running in local sandboxes, by their command line: those below the process
+    `under` (a CLI a test started, or the test process itself), else every one on the machine."""
     found = []
+    for pid in (descendants(under) if under is not None else [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]):
+        try:
+            if b"/.rlm/server.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def still_running(pids):
+    """Those of `pids` that still exist (a process that has not been reaped yet counts while it is a zombie
+    for at most a moment; the servers we look for are reaped by their sandbox's init)."""
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def descendants(pid):
+    """Pids of every process below `pid` (its children, theirs, ...): what a test watches instead of every
+    process on the machine, so runs of other tests in parallel do not confuse it."""
+    children = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if b"/.rlm/server.py" in Path(f"/proc/{entry.name}/cmdline").read_bytes():
-                    found.append(int(entry.name))
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
             except OSError:
-                pass
+                continue
+            children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
     return found
 
 

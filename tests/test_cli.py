@@ -13,7 +13,8 @@ import pytest
 
 from rlm_pipelines.models.scripted import register_script
 from rlm_tasks.monte_cristo import task as monte_cristo
-from tests.conftest import BOOK, api, check_monte_cristo_outputs, cli, repl_server_processes, run_dir_of
+from tests.conftest import BOOK, api, check_monte_cristo_outputs, cli, repl_server_processes, run_dir_of,
+                            still_running
 from tests.fakes.openai_server import OpenAIServer
 
 def test_monte_cristo_scripted_through_the_cli_and_prefect(prefect_server, tmp_path):
@@ -102,22 +103,22 @@ def test_budget_exhaustion_is_recorded(tmp_path):
 
 
 def test_ctrl_c_leaves_a_cancelled_run_and_no_sandbox(plugin_path, prefect_server, tmp_path):
-    before = set(repl_server_processes())
     env = {**os.environ, "PYTHONPATH": plugin_path, **prefect_server["env"]}
     process = subprocess.Popen([sys.executable, "-m", "rlm_pipelines", "task=slow_echo", "model=scripted",
                                 "task.sleep_s=120"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (set(repl_server_processes()) - before) and time.time() < deadline and process.poll() is None:
+    while not repl_server_processes(process.pid) and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    assert set(repl_server_processes()) - before, "the run never started its sandbox"
+    assert repl_server_processes(process.pid), "the run never started its sandbox"
     time.sleep(1)  # the slow cell is running
+    servers = repl_server_processes(process.pid)  # this CLI's own (other tests may run sandboxes in parallel)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-3000:]
     run = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
     assert run["status"] == "cancelled"
-    assert set(repl_server_processes()) - before == set()
+    assert still_running(servers) == []
     assert not [p for p in Path("/tmp").glob("rlm-dspy-*") if p.stat().st_mtime > time.time() - 300]
 
 

@@ -14,7 +14,7 @@ from rlm_pipelines.engines.repo import _bounded
 from rlm_pipelines.models.scripted import DepthScript, Turn, register_script
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import TODOS, build
-from tests.conftest import agents, repl_server_processes, run_dir_of, run_scripted
+from tests.conftest import agents, repl_server_processes, run_dir_of, run_scripted, still_running
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +91,13 @@ def test_limits_reach_the_model_and_the_tree(repo, tmp_path):
 @pytest.mark.parametrize("override,message", [("task.repo=/no/such/repo", "cannot clone task.repo"),
                                               ("task.commit=0123456789abcdef", "task.commit='0123456789abcdef' is not in")])
 def test_a_bad_repo_or_commit_fails_clearly_and_leaks_nothing(repo, tmp_path, override, message):
-    before = set(repl_server_processes())
     repo_arg = f"task.repo={repo['path']}" if "commit" in override else override
     summary, tree, _ = run(tmp_path, "task=repo_todos", repo_arg, override)
     assert summary["status"] == "error"
     assert message in tree["error"]
     assert tree["status"] == "error"
     assert tree["usage"]["sandboxes"] == 0
-    assert set(repl_server_processes()) == before
+    assert repl_server_processes(os.getpid()) == []  # none started by this test process (in-process run)
 
 
 def test_global_timeout_stops_a_long_cell(repo, tmp_path):
@@ -136,23 +135,23 @@ def test_history_stays_bounded():
 
 
 def test_ctrl_c_cancels_the_tree_and_leaves_nothing(repo, plugin_path, tmp_path):
-    before = set(repl_server_processes())
     env = {**os.environ, "PYTHONPATH": plugin_path, "RLM_CACHE_DIR": str(tmp_path / "cache")}
     process = subprocess.Popen([sys.executable, "-m", "rlm_pipelines", "task=stuck_repo", "model=scripted",
                                 f"task.repo={repo['path']}", "orchestration.prefect=false"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while len(set(repl_server_processes()) - before) < 3 and time.time() < deadline and process.poll() is None:
+    while len(repl_server_processes(process.pid)) < 3 and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    assert len(set(repl_server_processes()) - before) >= 3, "root and two children never ran"
+    assert len(repl_server_processes(process.pid)) >= 3, "root and two children never ran"
     time.sleep(1)
+    servers = repl_server_processes(process.pid)  # this CLI's own (other tests may run sandboxes in parallel)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
     tree = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
     assert tree["status"] == "cancelled"
     assert {a["status"] for a in agents(tree["root"])} <= {"cancelled"}
-    assert set(repl_server_processes()) - before == set()
+    assert still_running(servers) == []
     leftovers = [p for pattern in ("rlm-agent-*", "rlm-base-*", "rlm-patch-check-*") for p in Path("/tmp").glob(pattern)
                  if p.stat().st_mtime > time.time() - 120]
     assert leftovers == []

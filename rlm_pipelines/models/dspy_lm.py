@@ -26,6 +26,7 @@ from rlm_pipelines.config import ModelSpec
 from rlm_pipelines.models.litellm_client import (ModelError, call_timeout, litellm_kwargs, register_prices,
                                                  warn_unpriced, with_retries, with_retries_async)
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
+from rlm_pipelines.text import safe_data
 
 # The history entry of the call in progress. A context variable, not an attribute: llm_query_batched runs
 # many calls at once on threads, and async callers interleave on one thread; each call sees its own box.
@@ -68,14 +69,14 @@ class RecordingLM(dspy.LM):
         with self._recording() as call:
             result, call.attempts = with_retries(lambda: call_dspy(*args, **self._bounded(kwargs)), self.spec,
                                                  self.deadline)
-        return result
+        return safe_data(result)  # a lone surrogate in a reply must not break the records or the REPL
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().acall
         with self._recording() as call:
             result, call.attempts = await with_retries_async(lambda: call_dspy(*args, **self._bounded(kwargs)),
                                                              self.spec, self.deadline)
-        return result
+        return safe_data(result)
 
     def _bounded(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """This attempt's arguments, its timeout cut to the time left before the deadline."""
@@ -126,7 +127,7 @@ class RecordingLM(dspy.LM):
         # (whole chapters) for the life of the run.
         box = _entry_box.get()
         if box is not None:
-            box.append({key: entry.get(key) for key in ("usage", "cost", "messages", "outputs")})
+            box.append({key: safe_data(entry.get(key)) for key in ("usage", "cost", "messages", "outputs")})
 
     def last_call(self) -> dict[str, Any]:
         """The calling thread's latest call: usage, cost, messages, outputs ({} before any)."""

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
 from rlm_pipelines.config import ModelSpec, SubModelSpec
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
+from rlm_pipelines.text import safe_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -295,6 +296,6 @@ class LLMClient:
                             cost_usd=completion_cost(response, spec.model),
                             duration_s=time.perf_counter() - started, attempts=attempts, role=self.role)
         self.ledger.add(record)
-        text = response.choices[0].message.content or ""
+        text = safe_text(response.choices[0].message.content or "")  # lone surrogates cannot be recorded
         return Completion(text, spec.model, record.prompt_tokens, record.completion_tokens,
                           record.cost_usd, attempts)

@@ -11,13 +11,15 @@ The pipeline (`rlm_pipelines.pipeline`) knows nothing of these: each passes it a
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 
 def run_pipeline(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """One run of a composed config (plain data) into `run_dir`, the way its `orchestration` section says."""
-    os.makedirs(run_dir, exist_ok=True)
+    """One run of a composed config (plain data) into `run_dir`, the way its `orchestration` section says.
+    `records.FolderTaken` if `run_dir` already holds a run."""
+    from rlm_pipelines.records import claim_folder
+
+    claim_folder(run_dir)  # refuses a folder that holds another run's run.json
     if config.get("orchestration", {}).get("prefect", True):
         from rlm_pipelines.orchestration.prefect_flow import rlm_run
 

@@ -65,8 +65,11 @@ def _agent_task_runs(retries: int, delay: float) -> Any:
 @flow(name="rlm-run", flow_run_name="{config[task][name]}-{config[model][name]}", log_prints=True)
 def rlm_run(config: dict[str, Any], run_dir: Optional[str] = None) -> dict[str, Any]:
     """One run. `run_dir` is given by the CLI (Hydra's folder); scheduled runs get a fresh one."""
-    run_dir = run_dir or pipeline.default_run_dir(config)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if run_dir is None:  # a scheduled run: a fresh folder, claimed as the CLI claims its own
+        from rlm_pipelines.records import claim_folder
+
+        run_dir = pipeline.default_run_dir(config)
+        claim_folder(run_dir)
     run = pipeline.open_run(config, run_dir)
     retries, delay = run.cfg.orchestration.retries, run.cfg.orchestration.retry_delay_s
     run.wrap_agent = _agent_task_runs(retries, delay)

@@ -1,9 +1,11 @@
-"""`python -m rlm_pipelines.sandbox cleanup`: delete Daytona sandboxes a run left behind.
+"""`python -m rlm_pipelines.sandbox cleanup`: delete Daytona sandboxes a run left behind
+(`cleanup --local`: local sandbox folders).
 
 Every sandbox rlm-pipelines makes carries the label `rlm-pipelines=1` plus `rlm-run=<run id>` and
 `rlm-task=<task>`. Runs delete their own sandboxes, also on errors and Ctrl-C, and ephemeral sandboxes
 with a TTL end by themselves; this is for what a killed process (kill -9, a lost machine) left running,
 which Daytona bills until its TTL. It deletes only sandboxes with our label, narrowed by the options.
+With --local it removes local sandbox folders whose owner process is gone (see sandbox/owner.py).
 """
 
 from __future__ import annotations
@@ -17,19 +19,48 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlm_pipelines.sandbox",
                                      description="Commands for the sandboxes runs make.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    clean = commands.add_parser("cleanup", help="delete Daytona sandboxes a killed run left behind",
+    clean = commands.add_parser("cleanup", help="delete sandboxes a killed run left behind (Daytona; --local: local folders)",
                                 description=__doc__.split("\n\n")[1])
     clean.add_argument("--run", help="only this run's sandboxes (the id in run.json)")
     clean.add_argument("--task", help="only sandboxes of this task")
     clean.add_argument("--older-than", type=float, default=0.0, metavar="MINUTES",
                        help="only sandboxes created at least this long ago (spare runs still going)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    clean.add_argument("--local", action="store_true",
+                       help="local sandboxes instead: remove the folders (in the temp dir, or --root) whose "
+                            "owner process is gone; a live run's are kept")
+    clean.add_argument("--root", action="append", metavar="DIR",
+                       help="with --local: where the sandbox folders are (sandbox.root_dir; default the temp dir)")
     clean.add_argument("--config", help="a sandbox config file to take the API settings from (default: the "
                                         "built-in sandbox/daytona.yaml)")
     return parser
 
 
+def cleanup_local(args: argparse.Namespace) -> int:
+    """Remove local sandbox folders a killed run left (its owner process is gone)."""
+    from rlm_pipelines.sandbox.owner import orphans, remove
+
+    found = removed = 0
+    for base in args.root or [None]:
+        for folder, owner in orphans(base):
+            found += 1
+            what = f"{folder}  (owner pid {owner.get('pid')}, gone)"
+            if args.dry_run:
+                print(f"would remove {what}")
+                continue
+            try:
+                remove(folder)
+                removed += 1
+                print(f"removed {what}")
+            except OSError as exc:
+                print(f"could not remove {what}: {exc}", file=sys.stderr)
+    print(f"{found} local sandbox folder(s) left by runs that are gone; {removed} removed", file=sys.stderr)
+    return 0 if removed == found or args.dry_run else 1
+
+
 def cleanup(args: argparse.Namespace) -> int:
+    if args.local:
+        return cleanup_local(args)
     from omegaconf import OmegaConf
 
     from rlm_pipelines.config import DaytonaSandboxConfig

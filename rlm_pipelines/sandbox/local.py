@@ -45,6 +45,7 @@ from rlm_pipelines.repl.session import ReplSession
 from rlm_pipelines.repl.stdio import StdioTransport
 from rlm_pipelines.sandbox import limits
 from rlm_pipelines.sandbox.base import WORKSPACE, BaseSandbox, SandboxConfigError, SandboxError, SandboxStartError
+from rlm_pipelines.sandbox.owner import write_owner
 from rlm_pipelines.text import clip_bytes
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class LocalSandbox(BaseSandbox):
         if base:
             os.makedirs(base, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=f"rlm-{self.id}-", dir=base))
+        write_owner(root)  # who made it: `python -m rlm_pipelines.sandbox cleanup --local` spares live ones
         for sub in ("workspace", "tmp", "etc"):
             (root / sub).mkdir(mode=0o700)
         if self.isolation == "none":

@@ -1,0 +1,180 @@
+"""Writing a run's records so that every way a run ends leaves them readable and final.
+
+- Records are written whole or not at all (a temp file renamed over the old one), as valid UTF-8 (lone
+  surrogates from a model become U+FFFD), and a full disk keeps the last good record and leaves no temp file.
+- A run folder belongs to one run: `claim_folder` creates its `run.json` exclusively, so a second run into
+  the same folder is refused instead of overwriting the first one's records.
+- A run records which process writes it (`process_identity`: pid, start time, boot id). A process killed
+  with SIGKILL cannot write a final status, so the next run finds its record still `running` with an owner
+  that is gone and marks it `crashed` (`mark_crashed`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import socket
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from rlm_pipelines.text import safe_text
+
+
+class DiskFull(OSError):
+    """A record could not be written for lack of space; the file keeps its last good version."""
+
+    def __init__(self, path: Path, exc: OSError):
+        super().__init__(exc.errno, f"disk full: could not write {path} ({exc.strerror}); free some space "
+                                    f"under {path.parent} (it keeps the last record that fit)")
+
+    def __str__(self) -> str:
+        return self.strerror or "disk full"
+
+
+class FolderTaken(Exception):
+    """The run folder already holds another run's run.json."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all: written to a temp file beside it, then renamed over it. On a
+    full disk the temp file is removed, the old file stays, and `DiskFull` says so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(safe_text(text))
+            file.flush()
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, exc) from exc
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON record (indented, non-ASCII kept as it is) written with `write_atomic`."""
+    write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1, default=str))
+
+
+def is_disk_full(exc: Optional[BaseException]) -> Optional[BaseException]:
+    """The error in `exc`'s chain that is a full disk, if any (what the console then says)."""
+    seen: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in seen):
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def claim_folder(run_dir: Path) -> None:
+    """Make `run_dir/run.json` this run's, atomically (O_EXCL), with a first record naming this process (so
+    that even a run killed this early is found and marked `crashed`); `FolderTaken` if another run's is there."""
+    path = Path(run_dir) / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise FolderTaken(f"{path} already holds another run's record; a run never writes into another run's "
+                          f"folder: leave hydra.run.dir at its default (a fresh folder per run) or name a new "
+                          f"folder") from None
+    with open(fd, "w", encoding="utf-8") as file:
+        json.dump({"status": "running", "process": process_identity(), "run_dir": str(path.parent)}, file)
+
+
+# --------------------------------------------------------------------------- which process owns a record
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """A process's start time in clock ticks since boot (with the pid, it names one process for good)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def process_identity(pid: Optional[int] = None) -> dict[str, Any]:
+    """What tells this process from any other, even after its pid is reused or the machine reboots."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "start_ticks": _start_ticks(pid), "boot_id": _boot_id(), "host": socket.gethostname()}
+
+
+def is_alive(identity: dict[str, Any]) -> bool:
+    """Whether the process `identity` names still runs. Records from another host are taken as alive (we
+    cannot tell)."""
+    if identity.get("host") not in (None, socket.gethostname()):
+        return True
+    if identity.get("boot_id") and identity["boot_id"] != _boot_id():
+        return False
+    ticks = _start_ticks(int(identity.get("pid", -1)))
+    return ticks is not None and (identity.get("start_ticks") is None or ticks == identity["start_ticks"])
+
+
+def process_started_at() -> float:
+    """When this process started (epoch seconds): the console's total time includes start-up."""
+    ticks = _start_ticks(os.getpid())
+    try:
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return _IMPORTED
+    return boot + ticks / os.sysconf("SC_CLK_TCK") if ticks is not None else _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+# --------------------------------------------------------------------------- stale records
+
+_HEAD = 4096  # the status and the process are near the top of run.json: enough to decide without parsing all
+_RUNNING = re.compile(r'"status": "running"')
+
+
+def mark_crashed(outputs_dir: Path) -> list[Path]:
+    """Mark every `running` record under `outputs_dir` whose process is gone as `crashed` (a run killed with
+    SIGKILL or a lost machine), with a summary.json; returns the run folders it marked."""
+    marked = []
+    for path in sorted(Path(outputs_dir).glob("*/*/*/*/run.json")):  # runs/<task>/<date>/<run>, sweeps/...
+        try:
+            with open(path, encoding="utf-8", errors="replace") as file:
+                head = file.read(_HEAD)
+            if not _RUNNING.search(head):
+                continue
+            run = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        owner = run.get("process")
+        if run.get("status") != "running" or not isinstance(owner, dict) or is_alive(owner):
+            continue
+        _record_crash(path, run)
+        marked.append(path.parent)
+    return marked
+
+
+def _record_crash(path: Path, run: dict[str, Any]) -> None:
+    ended = datetime.fromtimestamp(path.stat().st_mtime).astimezone().isoformat(timespec="milliseconds")
+    error = (f"the process that ran this run (pid {run['process'].get('pid')}) ended without a final record "
+             f"(killed, e.g. SIGKILL, or the machine went down); this record was its last save")
+    run.update(status="crashed", error=error, ended_at=ended)
+    write_json(path, run)
+    summary = path.parent / "summary.json"
+    if not summary.exists():
+        write_json(summary, {"run_id": run.get("id"), "task": run.get("task"), "engine": run.get("engine"),
+                             "model": run.get("model"), "model_name": run.get("model_name"), "status": "crashed",
+                             "error": error, **(run.get("usage") or {}), "wall_time_s": run.get("duration_s"), "run_dir": str(path.parent),
+                             "files": ["run.json", "summary.json"]})
