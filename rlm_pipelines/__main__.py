@@ -48,6 +48,8 @@ def _app(cfg) -> int:
           f"{run_dir}", file=sys.stderr)
     if summary.get("error"):
         print(f"error: {summary['error']}", file=sys.stderr)
+    if summary.get("partial"):
+        print(f"partial: {summary['partial'].get('note')} (run.json says which)", file=sys.stderr)
     return STATUS_EXIT.get(summary["status"], 1)
 
 
