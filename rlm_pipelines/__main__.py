@@ -87,6 +87,8 @@ def _app(cfg) -> int:
     _say(f"{summary['status']}: {_figures(summary)} -> {run_dir}")
     if summary.get("error"):
         _say(f"error: {summary['error']}")
+    if summary.get("partial"):
+        _say(f"partial: {summary['partial'].get('note')} (run.json says which)")
     return STATUS_EXIT.get(summary["status"], 1)
 
 

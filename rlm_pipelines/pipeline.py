@@ -21,6 +21,7 @@ from rlm_pipelines.models.scripted import serve_task_script
 from rlm_pipelines.paths import run_folder
 from rlm_pipelines.progress import ConsoleProgress
 from rlm_pipelines.records import write_json
+from rlm_pipelines.record import fit
 from rlm_pipelines.tasks import Task, discover, resolve
 from rlm_pipelines.tree import RunTree
 
@@ -73,7 +74,8 @@ def open_run(config: dict[str, Any], run_dir: str) -> Run:
     engine = engine_class(cfg.engine)(cfg.engine)
     tree = RunTree(Path(run_dir) / "run.json", {
         "task": task.name, "engine": engine.name, "model": cfg.model.model, "model_name": cfg.model.name,
-        "sandbox": asdict(cfg.sandbox), "limits": asdict(cfg.limits), "config": config})
+        "sandbox": asdict(cfg.sandbox), "limits": asdict(cfg.limits), "config": config},
+        max_record_mb=cfg.limits.max_record_mb)
     tree.save()
     cfg.sandbox.labels = {**cfg.sandbox.labels, "rlm-run": tree.run["id"], "rlm-task": task.name}
     return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress, engine)
@@ -95,7 +97,14 @@ def run_engine(run: Run) -> dict[str, Any]:
 
 
 def write_outputs(run: Run) -> list[str]:
+    """result.json (fitted under limits.max_record_mb) and the patch; then the run's `partial` reasons are
+    known and recorded, so downstream steps (an audit's comparison) can read them from run.json."""
+    run.result, cut = fit(run.result, run.cfg.limits.max_record_mb * 1024 * 1024)
     write_json(run.run_dir / "result.json", run.result)
+    partial = run.tree.partial_reasons()
+    if cut:
+        partial["result_cut"] = True
+    _record_partial(run, partial)
     files = ["result.json"]
     if run.patch:
         # A patch that does not apply to a fresh checkout is kept for reading, under a name that says so.
@@ -120,7 +129,7 @@ def summarize(run: Run) -> dict[str, Any]:
     if run.result is not None:
         score = run.task.score(run.result, run.inputs, run.params)
     summary = {
-        **run.task.summary(run.result or {}, run.params, run.run_dir),
+        **run.task.summary(run.result or {}, run.params, run.run_dir), "partial": tree.get("partial"),
         "run_id": tree["id"], "task": tree["task"], "engine": tree["engine"], "model": tree["model"],
         "model_name": tree.get("model_name"), "status": tree["status"], "error": tree["error"],
         "iterations": run.tree.iterations, "agents": run.tree.agents, "max_depth": run.tree.max_depth,
@@ -138,10 +147,37 @@ def finish(run: Run, status: str, error: Optional[str] = None) -> dict[str, Any]
 
     run.tree.set_usage(Usage.from_snapshot(run.budget.ledger.snapshot()).as_tree())
     run.tree.finish(status, result=run.result, error=error)
+    partial = run.tree.run.get("partial") or {}
+    if run.tree.record_cut and "record_cut" not in partial:  # the final record itself had to be cut
+        _record_partial(run, {**partial, "record_cut": run.tree.record_cut})
+        run.tree.finish("partial" if status == "ok" else status, result=run.result, error=error)
     run.files.append("viewer/index.html")
     summary = summarize(run)
     write_bundle(run.run_dir)
     return summary
+
+
+def _record_partial(run: Run, partial: dict[str, Any]) -> None:
+    """run.json's `partial`: the reasons and a `note` saying them in words (console, viewer, Prefect)."""
+    partial.pop("note", None)
+    run.tree.run["partial"] = {**partial, "note": partial_note(partial)} if partial else None
+    run.tree.save()
+
+
+def partial_note(partial: dict[str, Any]) -> str:
+    """Why a run is `partial`, in one line for the console and the Prefect artifact."""
+    parts = []
+    for reason, n in (partial.get("refused") or {}).items():
+        parts.append(f"{n:,} sub-agents refused (limits.{reason} reached)")
+    if partial.get("truncated"):
+        parts.append(f"{partial['truncated']} sub-agent results cut (limits.result_truncation_limit)")
+    if partial.get("unfinished"):
+        parts.append(f"{partial['unfinished']} sub-agents did not finish")
+    if partial.get("result_cut"):
+        parts.append("result.json cut to limits.max_record_mb")
+    if partial.get("record_cut"):
+        parts.append("run.json cut to limits.max_record_mb")
+    return "; ".join(parts)
 
 
 def status_of(exc: BaseException) -> str:
@@ -192,6 +228,6 @@ def execute(run: Run, as_step: Step,
         if isinstance(exc, BudgetExceeded):
             return summary
         raise
-    summary = finish(run, "ok")
+    summary = finish(run, "partial" if run.tree.run.get("partial") else "ok")
     on_finish(summary)
     return summary

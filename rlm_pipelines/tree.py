@@ -6,6 +6,10 @@ everything up to that point.
 
 Nodes are agents (`kind: agent`, with iterations) and model sub-calls (`kind: llm_call`). Each iteration
 lists the ids of the nodes it spawned, recorded as they are created, never inferred afterwards.
+
+Bounded whatever a model does: every text is clipped (`text.clip`), refused sub-agents are counted on their
+parent (`refused`) with only a sample kept as nodes, and a record that would still exceed
+`limits.max_record_mb` is saved cut (`record_cut`), so run.json never grows with hostile output.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from typing import Any, Optional
 
 from rlm_pipelines.models.usage import Usage
 from rlm_pipelines.records import process_identity, write_atomic
+from rlm_pipelines.record import fit
 from rlm_pipelines.text import clip
 
 SCHEMA = "rlm-pipelines/run@1"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "run.schema.json"
 TEXT_LIMIT = 100_000  # characters of one text field kept in run.json (as much as a cell's output cap)
 USAGE_KEYS = tuple(Usage().as_tree())  # what each node counts (the run adds "sandboxes")
+REFUSED_KEPT = 20  # refused sub-agents kept as nodes per parent (the rest are only counted)
 
 
 def _kept(value: Any) -> Any:
@@ -34,8 +40,10 @@ def _kept(value: Any) -> Any:
 
 
 class RunTree:
-    def __init__(self, path: Path, meta: dict[str, Any]):
+    def __init__(self, path: Path, meta: dict[str, Any], max_record_mb: float = 20):
         self.path = Path(path)
+        self.max_bytes = int(max_record_mb * 1024 * 1024)
+        self.record_cut: Optional[dict[str, Any]] = None  # set when a save had to cut the record
         self._lock = threading.RLock()
         self._nodes: dict[str, dict[str, Any]] = {}
         self._spawned: dict[str, list[str]] = {}  # agent id -> children spawned in its current iteration
@@ -59,7 +67,7 @@ class RunTree:
                     "kind": kind, "task": clip(task, TEXT_LIMIT), "task_chars": len(task), "sandbox_id": None,
                     "status": "running", "started_at": _now(), "ended_at": None, "duration_s": 0.0,
                     "usage": {}, "result": None, "result_truncated": False, "error": None, "iterations": [],
-                    "children": [], **fields}
+                    "children": [], **{k: _kept(v) for k, v in fields.items()}}
             self._nodes[node_id] = node
             self._clock[node_id] = time.monotonic()
             if parent is None:
@@ -68,6 +76,39 @@ class RunTree:
                 parent["children"].append(node)
                 self._spawned.setdefault(parent_id, []).append(node_id)
             return node_id
+
+    def refuse(self, parent_id: str, task: str, reason: str, message: str) -> None:
+        """A sub-agent that did not start (`reason`: the limit's key). Counted on the parent; only the first
+        REFUSED_KEPT become nodes, so a model calling rlm_query in a loop cannot grow the tree."""
+        with self._lock:
+            parent = self._nodes[parent_id]
+            refused = parent.setdefault("refused", {"count": 0, "reasons": {}, "kept": 0})
+            refused["count"] += 1
+            refused["reasons"][reason] = refused["reasons"].get(reason, 0) + 1
+            if reason != "max_sandboxes" or refused["kept"] >= REFUSED_KEPT:
+                return
+            refused["kept"] += 1
+        node_id = self.add_node("agent", task, parent_id, refusal=reason)
+        self.end_node(node_id, "budget_exceeded", result=message, error=f"{reason} reached")
+
+    def partial_reasons(self) -> dict[str, Any]:
+        """Why the run's answer may be incomplete (empty when it is not): sub-agents refused, sub-agents
+        whose findings were cut for their parent, sub-agents that did not finish, the record cut."""
+        with self._lock:
+            nodes = [n for n in self._nodes.values() if n["kind"] == "agent" and n["depth"] > 0]
+            reasons: dict[str, Any] = {}
+            refused: dict[str, int] = {}
+            for node in self._nodes.values():
+                for reason, n in node.get("refused", {}).get("reasons", {}).items():
+                    refused[reason] = refused.get(reason, 0) + n
+            if refused:
+                reasons["refused"] = refused
+            truncated = sum(bool(n["result_truncated"]) for n in nodes)
+            unfinished = sum(n["status"] != "ok" and not n.get("refusal") for n in nodes)
+            reasons.update({k: v for k, v in (("truncated", truncated), ("unfinished", unfinished)) if v})
+            if self.record_cut:
+                reasons["record_cut"] = self.record_cut
+            return reasons
 
     def add_llm_call(self, parent_id: str, prompt: str, answer: str, **fields: Any) -> str:
         node_id = self.add_node("llm_call", prompt, parent_id, **fields)
@@ -80,8 +121,8 @@ class RunTree:
             node = self._nodes[node_id]
             text = result if isinstance(result, str) else None
             fields.setdefault("result_truncated", bool(text is not None and len(text) > TEXT_LIMIT))
-            node.update(status=status, ended_at=_now(), error=error, **fields,
-                        result=_kept(result))
+            node.update(status=status, ended_at=_now(), error=_kept(error),
+                        **{k: _kept(v) for k, v in fields.items()}, result=_kept(result))
             # usage rolls up the tree: an agent's total is its own calls plus its children's totals
             own = node["usage"].setdefault("own", dict.fromkeys(USAGE_KEYS, 0))
             total = dict(own)
@@ -94,7 +135,7 @@ class RunTree:
 
     def update_node(self, node_id: str, **fields: Any) -> None:
         with self._lock:
-            self._nodes[node_id].update(fields)
+            self._nodes[node_id].update({k: _kept(v) for k, v in fields.items()})
 
     def add_iteration(self, node_id: str, **data: Any) -> None:
         """Record one iteration of an agent and save the tree."""
@@ -133,8 +174,20 @@ class RunTree:
         version stays and `records.DiskFull` is raised."""
         with self._lock:
             self.run["duration_s"] = round(time.time() - self.started, 3)
-            data = json.dumps(self.run, ensure_ascii=False, indent=1, default=str)
+            data = self._serialized()
         write_atomic(self.path, data)
+
+    def _serialized(self) -> str:
+        """The record as JSON, cut to `max_record_mb` when it would exceed it (and `record_cut` says so)."""
+        data = json.dumps(self.run, ensure_ascii=False, indent=1, default=str)
+        if len(data) * 4 <= self.max_bytes or len(data.encode("utf-8", "replace")) <= self.max_bytes:
+            return data
+        before = len(data.encode("utf-8", "replace"))
+        self.record_cut = {"limit_mb": self.max_bytes / 1024 / 1024, "bytes": before}
+        room = self.max_bytes - 4096  # for the note and the indentation the cut copy adds back
+        cut, _ = fit({**self.run, "record_cut": self.record_cut}, room)
+        cut["record_cut"] = self.record_cut
+        return json.dumps(cut, ensure_ascii=False, default=str)
 
     @property
     def agents(self) -> int:

@@ -79,11 +79,13 @@ def test_limits_reach_the_model_and_the_tree(repo, tmp_path):
     assert all("max_sandboxes" in a["error"] for a in refused)
     # the model is told, in its own output ...
     assert "sandbox budget limits.max_sandboxes=3 is spent" in tree["root"]["iterations"][1]["stdout"]
-    # ... and works around it: the package agents judged their TODOs in place
-    assert summary["status"] == "ok"
+    # ... and works around it: the package agents judged their TODOs in place; refused agents make it partial
+    assert summary["status"] == "partial"
+    assert summary["partial"]["refused"] == {"max_sandboxes": len(refused)}
     assert any("judged in place" in (a["result"] or "") for a in agents(tree["root"], 1))
     summary, tree, _ = run(tmp_path / "b", "task=repo_todos", f"task.repo={repo['path']}", "limits.max_depth=1")
-    assert summary["status"] == "ok"
+    assert summary["status"] == "partial"
+    assert list(summary["partial"]["refused"]) == ["max_depth"]
     assert agents(tree["root"], 2) == []
     assert all("depth limit" in json.dumps(a["result"]) for a in agents(tree["root"], 1))
 
@@ -201,7 +203,8 @@ def test_root_patch_usage_rollup_truncation_and_no_code_replies(repo, tmp_path, 
                                      f"model.api_base={server.url}", "model.api_key_env=RLM_TEST_KEY",
                                      "model.input_cost_per_mtok=1.0", "model.output_cost_per_mtok=2.0",
                                      "limits.result_truncation_limit=100")
-    assert summary["status"] == "ok", tree["error"]
+    assert summary["status"] == "partial", tree["error"]  # the child's findings were cut for the root
+    assert summary["partial"]["truncated"] == 1
     root = tree["root"]
     assert "no ```python code block" in root["iterations"][1]["prompt"]
     # the parent sees the head and tail of the findings, 100 characters in all, and how much was cut

@@ -94,6 +94,9 @@ function showAgent(id) {
   $("agent").innerHTML = `<h2>Agent ${esc(node.id)} · depth ${esc(node.depth)} · ${esc(node.status)}</h2>
     ${block("task", node.task, "", true)}${block("result", typeof node.result === "string" ? node.result : JSON.stringify(node.result, null, 1), "", true)}
     ${node.result_truncated ? "<p><i>the parent saw this result cut</i></p>" : ""}
+    ${node.refused ? `<p class="refused"><i>${esc(Number(node.refused.count) || 0)} sub-agents refused
+      (${esc(Object.entries(node.refused.reasons || {}).map(([k, v]) => `limits.${k}: ${v}`).join(", "))});
+      ${esc(Number(node.refused.kept) || 0)} of them shown</i></p>` : ""}
     ${node.error ? block("error", node.error, "err", true) : ""}
     <div id="iterations">${its || "<p>no iterations</p>"}</div>`;
   document.querySelectorAll("#agent .child-link").forEach((el) => el.addEventListener("click", () => showAgent(el.dataset.id)));
@@ -170,6 +173,10 @@ function main() {
   if (run.schema !== KNOWN_SCHEMA) {
     $("banner").hidden = false;
     $("banner").textContent = `This run says schema "${run.schema}"; this viewer knows "${KNOWN_SCHEMA}". What it shows may be incomplete.`;
+  }
+  if (run.partial && typeof run.partial === "object") {  // why the answer may be incomplete
+    $("partial").hidden = false;
+    $("partial").textContent = `Partial run: ${run.partial.note || "some sub-agents were refused or cut"}.`;
   }
   document.title = `${run.task} · ${run.model} · ${run.status}`;
   $("title").textContent = `${run.task} · ${run.model} · run ${run.id}`;

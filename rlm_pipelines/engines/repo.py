@@ -171,13 +171,25 @@ class RepoRun:
     # -- agents
 
     def spawn(self, task: str, parent_id: Optional[str], depth: int) -> AgentResult:
+        with self._lock:
+            spent = self._created >= self.limits.max_sandboxes
+        if spent and parent_id is not None:  # refused cheaply: no task run, no node beyond a sample
+            return self._refuse(task, parent_id)
         return self.wrap_agent(self.run_agent)(task, parent_id, depth)
 
+    def _refuse(self, task: str, parent_id: str) -> AgentResult:
+        message = (f"[sub-agent not started: the run's sandbox budget limits.max_sandboxes="
+                   f"{self.limits.max_sandboxes} is spent; do this part yourself]")
+        self.tree.refuse(parent_id, task, "max_sandboxes", message)
+        return AgentResult(message, "budget_exceeded")
+
     def run_agent(self, task: str, parent_id: Optional[str], depth: int) -> AgentResult:
+        if parent_id is not None and not self._reserve_slot():
+            return self._refuse(task, parent_id)
         agent = self.tree.add_node("agent", task, parent_id)
-        if not self._reserve_slot():
-            message = (f"[sub-agent not started: the run's sandbox budget limits.max_sandboxes="
-                       f"{self.limits.max_sandboxes} is spent; do this part yourself]")
+        if parent_id is None and not self._reserve_slot():
+            message = (f"[not started: the run's sandbox budget limits.max_sandboxes="
+                       f"{self.limits.max_sandboxes} is spent]")
             self.tree.end_node(agent, "budget_exceeded", result=message, error="max_sandboxes reached")
             return AgentResult(message, "budget_exceeded")
         sandbox, made = None, False
@@ -222,8 +234,10 @@ class Agent:
         def rlm_query(task: str) -> str:
             """Run a sub-agent on `task` in its own sandbox and checkout; returns its findings."""
             if depth + 1 > run.limits.max_depth:
-                return (f"[rlm_query refused: the depth limit limits.max_depth={run.limits.max_depth} is reached; "
-                        f"do this part yourself]")
+                message = (f"[rlm_query refused: the depth limit limits.max_depth={run.limits.max_depth} is "
+                           f"reached; do this part yourself]")
+                run.tree.refuse(self.node_id, task, "max_depth", message)
+                return message
             try:
                 result = run.spawn(task, self.node_id, depth + 1)
             except (Cancelled, BudgetExceeded) as exc:

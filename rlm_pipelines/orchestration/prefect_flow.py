@@ -37,16 +37,22 @@ def _as_task(retries: int, delay: float) -> pipeline.Step:
 
 
 def _artifacts(summary: dict[str, Any]) -> None:
-    keys = ("status", "iterations", "agents", "llm_calls", "tokens", "cost_usd", "wall_time_s", "score")
-    create_table_artifact(key="rlm-run-summary", table=[{k: summary.get(k) for k in ("task", "model") + keys}],
-                          description=f"rlm-pipelines run {summary['run_id']}")
+    keys = ("status", "partial", "iterations", "agents", "llm_calls", "tokens", "cost_usd", "wall_time_s", "score")
+    row = {k: summary.get(k) for k in ("task", "model") + keys}
+    row["partial"] = (summary.get("partial") or {}).get("note")  # why the answer may be incomplete
+    create_table_artifact(key="rlm-run-summary", table=[row], description=f"rlm-pipelines run {summary['run_id']}"
+                          + (" (partial)" if row["partial"] else ""))
     links = "\n".join(f"- [{name}](file://{summary['run_dir']}/{name})" for name in summary["files"])
     comparison = summary.get("comparison")
     if comparison:  # scheduled audits: what changed since the last one
-        create_table_artifact(key="rlm-audit-comparison", description=comparison["against"] or "first audit",
+        against = comparison["against"] or "first audit"
+        if comparison.get("complete") is False:
+            against += " (this audit is partial: findings it did not see are not_compared, not resolved)"
+        create_table_artifact(key="rlm-audit-comparison", description=against,
                               table=[{"change": kind, "count": len(comparison[kind]),
                                       "findings": "; ".join(f"{f['file']}: {f['kind']}" for f in comparison[kind][:10])}
-                                     for kind in ("new", "still_open", "resolved")])
+                                     for kind in ("new", "still_open", "resolved", "not_compared")
+                                     if kind in comparison])
     create_markdown_artifact(key="rlm-run-outputs", description="where this run's outputs are",
                              markdown=f"### Outputs of run {summary['run_id']}\n\n`{summary['run_dir']}`\n\n{links}\n")
 

@@ -34,7 +34,7 @@ class RepoAudit(RepoTask):
 
     def downstream(self, result: dict[str, Any], inputs: dict[str, Any], params: RepoAuditParams,
                    run_dir: Path, model: str = "") -> list[str]:
-        comparison = compare(result.get("findings") or [], previous_audit(run_dir, params))
+        comparison = compare(result.get("findings") or [], previous_audit(run_dir, params), _partial(run_dir))
         (run_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
         return ["comparison.json"]
 
@@ -80,8 +80,17 @@ def _key(finding: dict[str, Any]) -> tuple:
     return finding.get("file"), finding.get("kind"), " ".join(str(finding.get("evidence", "")).split())
 
 
+def _partial(run_dir: Path) -> Optional[dict[str, Any]]:
+    """Why this run's audit may be incomplete (run.json's `partial`, recorded before downstream steps)."""
+    try:
+        return json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("partial")
+    except (OSError, ValueError):
+        return None
+
+
 def previous_audit(run_dir: Path, params: RepoAuditParams) -> Optional[Path]:
-    """The latest successful audit of the same repo and branch before this run (its run folder)."""
+    """The latest complete audit (status ok: a partial one is never a baseline) of the same repo and branch
+    before this run (its run folder)."""
     runs_root = run_dir.parent.parent  # run_dir is outputs/runs/repo_audit/<date>/<time>_<model>
     candidates = []
     for summary_file in runs_root.glob("*/*/summary.json"):
@@ -93,19 +102,23 @@ def previous_audit(run_dir: Path, params: RepoAuditParams) -> Optional[Path]:
             run = json.loads((folder / "run.json").read_text())
         except (OSError, ValueError):
             continue
-        if summary.get("status") == "ok" and run.get("repo") == params.repo and run.get("branch") == params.branch:
+        if summary.get("status") == "ok" and not run.get("partial") and run.get("repo") == params.repo and run.get("branch") == params.branch:
             candidates.append((run.get("started_at", ""), folder))
     return max(candidates)[1] if candidates else None
 
 
-def compare(findings: list[dict[str, Any]], previous: Optional[Path]) -> dict[str, Any]:
-    """New, still-open and resolved findings against the previous audit (all new when there is none)."""
+def compare(findings: list[dict[str, Any]], previous: Optional[Path],
+            partial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """New, still-open and resolved findings against the previous audit (all new when there is none). When
+    this audit is `partial` (agents refused or cut), a finding it did not see may simply not have been looked
+    at: it is `not_compared`, never `resolved`."""
     before = json.loads((previous / "result.json").read_text()).get("findings", []) if previous else []
     old, now = {_key(f): f for f in before}, {_key(f): f for f in findings}
-    return {"against": str(previous) if previous else None,
+    gone = [f for k, f in old.items() if k not in now]
+    return {"against": str(previous) if previous else None, "complete": not partial,
             "new": [f for k, f in now.items() if k not in old],
             "still_open": [f for k, f in now.items() if k in old],
-            "resolved": [f for k, f in old.items() if k not in now]}
+            "resolved": [] if partial else gone, "not_compared": gone if partial else []}
 
 
 task = RepoAudit()
