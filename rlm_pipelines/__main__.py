@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from rlm_pipelines import redact
 from rlm_pipelines.checks import UsageError, check_run
 from rlm_pipelines.environment import apply_defaults
 
@@ -23,6 +24,18 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _keep_credentials_out(cfg, run_dir: str) -> None:
+    """A credential in task.repo goes no further than this process: the config loses it (the repo's fetch
+    gets it from `redact`), Hydra's copies of the command line and config are rewritten without it, and
+    log lines are masked."""
+    from pathlib import Path
+
+    redact.take_credentials(cfg)
+    redact.install_log_filter()
+    for path in sorted((Path(run_dir) / ".hydra").glob("*.yaml")):
+        redact.redact_file(path)
+
+
 def _app(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -31,8 +44,9 @@ def _app(cfg) -> int:
     from rlm_pipelines.pipeline import STATUS_EXIT
 
     _quiet_libraries()
-    check_run(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
+    _keep_credentials_out(cfg, run_dir)
+    check_run(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     print(f"run: task={cfg.task.name} model={cfg.model.name} -> {run_dir}", file=sys.stderr)
     try:
@@ -41,7 +55,8 @@ def _app(cfg) -> int:
         print(f"cancelled: run.json in {run_dir} records everything up to now", file=sys.stderr)
         return 130
     except Exception as exc:  # recorded in run.json and summary.json; a sweep goes on with its next job
-        print(f"error: {type(exc).__name__}: {exc}\n(run.json and summary.json in {run_dir})", file=sys.stderr)
+        print(redact.text(f"error: {type(exc).__name__}: {exc}\n(run.json and summary.json in {run_dir})"),
+              file=sys.stderr)
         return 1
     print(f"{summary['status']}: {summary['iterations']} iterations, {summary['llm_calls']} llm calls, "
           f"{summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}, {summary['wall_time_s']:.1f} s -> "
@@ -68,7 +83,7 @@ def main() -> None:
         try:
             codes.append(_app(cfg))
         except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(redact.text(f"error: {exc}"), file=sys.stderr)
             codes.append(2)
         except KeyboardInterrupt:  # before the run started: nothing to record
             print("cancelled before the run started", file=sys.stderr)

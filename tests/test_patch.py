@@ -23,12 +23,17 @@ CLI_WITH_PEAK = ("import atexit, resource, runpy, sys\n"
                  "sys.argv = ['rlm_pipelines', *sys.argv[1:]]\n"
                  "runpy.run_module('rlm_pipelines', run_name='__main__')\n")
 
-# Waits until the patch file appears as a plain file (made inside the sandbox by `git diff > ...`), then
-# swaps a FIFO in for it: a reader that opens it blocking waits forever.
-SWAP_FIFO = ("import subprocess\n"
-             "subprocess.Popen(['sh', '-c', 'while true; do if [ -f /tmp/rlm.patch ] && [ ! -p /tmp/rlm.patch ]; '\n"
-             "    'then sleep 0.05; rm -f /tmp/rlm.patch; mkfifo /tmp/rlm.patch; fi; sleep 0.01; done'],\n"
-             "    start_new_session=True)\n"
+# Swaps a FIFO in for the patch file as soon as it appears as a plain file (made inside the sandbox by
+# `git diff > ...`): a reader that opens it blocking waits forever.
+SWAPPER = ("import os, stat, time\n"
+           "while True:\n"
+           "    try:\n"
+           "        if stat.S_ISREG(os.lstat('/tmp/rlm.patch').st_mode):\n"
+           "            os.unlink('/tmp/rlm.patch'); os.mkfifo('/tmp/rlm.patch')\n"
+           "    except OSError:\n"
+           "        pass\n"
+           "    time.sleep(0.001)\n")
+SWAP_FIFO = (f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {SWAPPER!r}], start_new_session=True)\n"
              "import os\nos.mkfifo('/workspace/repo/alpha/pipe')\n"
              "open('/workspace/repo/alpha/core.py', 'a').write('# changed\\n')\n")
 BIG_PATCH = ("import os\n"
@@ -53,7 +58,7 @@ def cli_run(tmp_path, repo, cell, *overrides):
         done = subprocess.run([sys.executable, "-c", CLI_WITH_PEAK, "task=repo_todos", f"task.repo={repo['path']}",
                                "model=local", f"model.api_base={server.url}", "model.api_key_env=RLM_TEST_KEY",
                                "orchestration.prefect=false", *overrides],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     peak = [int(line.split("=")[1]) >> 10 for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB=")]
     run_dir = run_dir_of(tmp_path)
     return done.returncode, done.stderr, json.loads((run_dir / "run.json").read_text()), run_dir, peak[-1]
