@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
+from rlm_pipelines import redact
 from rlm_pipelines.checks import UsageError, check_run
 from rlm_pipelines.environment import apply_defaults
 
@@ -45,7 +46,19 @@ def _safe_logs() -> None:
 def _say(text: str) -> None:
     from rlm_pipelines.text import safe_text
 
-    print(safe_text(text), file=sys.stderr)
+    print(redact.text(safe_text(text)), file=sys.stderr)
+
+
+def _keep_credentials_out(cfg, run_dir: str) -> None:
+    """A credential in task.repo goes no further than this process: the config loses it (the repo's fetch
+    gets it from `redact`), Hydra's copies of the command line and config are rewritten without it, and
+    log lines are masked."""
+    from pathlib import Path
+
+    redact.take_credentials(cfg)
+    redact.install_log_filter()
+    for path in sorted((Path(run_dir) / ".hydra").glob("*.yaml")):
+        redact.redact_file(path)
 
 
 def _app(cfg) -> int:
@@ -60,8 +73,9 @@ def _app(cfg) -> int:
 
     _quiet_libraries()
     _safe_logs()
-    check_run(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
+    _keep_credentials_out(cfg, run_dir)
+    check_run(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     for folder in mark_crashed(Path(cfg.orchestration.outputs_dir)):
         _say(f"note: the run in {folder} was still `running` but its process is gone: recorded as crashed")
@@ -121,7 +135,7 @@ def main() -> None:
         try:
             codes.append(_app(cfg))
         except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(redact.text(f"error: {exc}"), file=sys.stderr)
             codes.append(2)
         except KeyboardInterrupt as exc:  # before the run started: nothing to record
             from rlm_pipelines.pipeline import Terminated

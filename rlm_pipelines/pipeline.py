@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 
+from rlm_pipelines import redact
 from rlm_pipelines.budget import Budget, BudgetExceeded
 from rlm_pipelines.config import RunConfig, check_ranges
 from rlm_pipelines.engines.base import Engine, engine_class
@@ -66,6 +67,7 @@ def _typed(config: dict[str, Any]) -> RunConfig:
 
 
 def open_run(config: dict[str, Any], run_dir: str) -> Run:
+    config = redact.take_credentials(config)  # a credential in task.repo is never recorded (see redact.py)
     cfg = _typed(config)
     check_ranges(cfg)  # runs that no CLI checked (scheduled, in-process) fail on a bad setting too
     task, params = resolve(OmegaConf.create(config), discover())

@@ -10,15 +10,18 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import select
 import shutil
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from rlm_pipelines import redact
 from rlm_pipelines.paths import cache_dir
-from rlm_pipelines.sandbox.base import REPO_DIR
+from rlm_pipelines.sandbox.base import REPO_DIR, DownloadTooLarge
 
 MIRROR_IN_SANDBOX = "/mirror"  # where agents see the mirror (read-only)
 
@@ -28,9 +31,10 @@ class CheckoutError(ValueError):
 
 
 def _git(*args: str, cwd: Optional[Path] = None, input_: Optional[bytes] = None,
-         timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
-    return subprocess.run(["git", *args], cwd=cwd, input=input_, capture_output=True, timeout=timeout, env=env)
+         timeout: float = 600, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run git on the host, never prompting; `env` adds to the environment (e.g. `redact.git_auth_env`)."""
+    full = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", **(env or {})}
+    return subprocess.run(["git", *args], cwd=cwd, input=input_, capture_output=True, timeout=timeout, env=full)
 
 
 @contextmanager
@@ -44,17 +48,18 @@ def _locked(path: Path) -> Iterator[None]:
 def prepare_mirror(repo: str, branch: Optional[str], commit: Optional[str]) -> tuple[Path, str]:
     """(the mirror's path, the commit every agent checks out). Clones or fetches the mirror first."""
     local = _local_repo(repo)
-    source = str(local) if local is not None else repo
+    source = str(local) if local is not None else redact.remember(repo)  # the mirror's config: no credential
+    auth, repo = redact.git_auth_env(source), redact.text(repo)  # messages below name the clean URL
     mirror = cache_dir("mirrors") / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".git")
     with _locked(mirror):
         if (mirror / "HEAD").is_file():
-            done = _git("fetch", "--prune", "--quiet", "origin", cwd=mirror)
+            done = _git("fetch", "--prune", "--quiet", "origin", cwd=mirror, env=auth)
             if done.returncode != 0:  # a stale mirror still serves known commits; say so but go on
                 print(f"warning: could not update the mirror of {repo}: {done.stderr.decode().strip()}")
         else:
             tmp = mirror.with_name(mirror.name + ".part")
             shutil.rmtree(tmp, ignore_errors=True)
-            done = _git("clone", "--mirror", "--quiet", source, str(tmp))
+            done = _git("clone", "--mirror", "--quiet", "--", source, str(tmp), env=auth)
             if done.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckoutError(f"cannot clone task.repo={repo!r}: {done.stderr.decode().strip()} - give a git "
@@ -79,11 +84,15 @@ def _local_repo(repo: str) -> Optional[Path]:
     return path.resolve() if path.exists() else None
 
 
-def clone_url(repo: str) -> str:
+def clone_url(repo: str, mirror: Path) -> str:
     """`task.repo` as a URL for a sandbox provider: URLs as given, local paths as file:// URLs (which no
-    cloud provider can reach: DaytonaSandbox uploads those instead, see its `checkout` option)."""
+    cloud provider can reach: DaytonaSandbox uploads those instead, see its `checkout` option). A repo that
+    needs a credential is the host's mirror as a file:// URL too: the credential never enters a sandbox."""
     local = _local_repo(repo)
-    return local.as_uri() if local is not None else repo
+    if local is not None:
+        return local.as_uri()
+    clean = redact.remember(repo)
+    return mirror.as_uri() if redact.has_credential(clean) else clean
 
 
 def checkout_command(commit: str) -> str:
@@ -130,3 +139,62 @@ def make_base(mirror: Path, commit: str, parent: Optional[str] = None) -> Path:
             raise CheckoutError(f"cannot check out {commit[:12]}: {done.stderr.decode().strip()}")
     (folder / ".git" / "objects" / "info" / "alternates").write_text(f"{MIRROR_IN_SANDBOX}/objects\n")
     return folder
+
+
+# Host-side git over a folder sandbox code wrote: only our own config counts (no hooks, fsmonitor, external
+# diff or textconv, attributes' drivers undefined), and git never looks at the checkout's own .git.
+SAFE_GIT = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false",
+            "-c", "core.symlinks=true", "-c", "core.autocrlf=false", "-c", "core.safecrlf=false",
+            "-c", "diff.external=", "-c", "core.bigFileThreshold=16m", "-c", "gc.auto=0")
+
+
+def host_patch(mirror: Path, work_tree: Path, commit: str, max_bytes: int, deadline: float,
+               parent: Optional[str] = None) -> bytes:
+    """The changes in `work_tree` (a checkout of `commit` whose sandbox is stopped) as a binary-safe diff,
+    new files included, made on the host with a git folder of our own (objects from the mirror); what the
+    checkout's own .git says is never read. `DownloadTooLarge` over `max_bytes`, `TimeoutError` at `deadline`."""
+    with tempfile.TemporaryDirectory(prefix="rlm-patch-", dir=parent) as tmp:
+        git_dir = Path(tmp) / "git"
+        env = {"GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(work_tree), "GIT_INDEX_FILE": str(Path(tmp) / "index"),
+               "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_OPTIONAL_LOCKS": "0"}
+        _git("init", "--quiet", "--bare", str(git_dir), cwd=Path(tmp))
+        (git_dir / "objects" / "info" / "alternates").write_text(f"{mirror / 'objects'}\n")
+        for args in (("read-tree", commit), ("add", "-A", ".")):
+            done = _git(*SAFE_GIT, *args, cwd=work_tree, env=env, timeout=max(1.0, deadline - time.monotonic()))
+            if done.returncode != 0:
+                raise CheckoutError(f"could not make the patch: {done.stderr.decode(errors='replace').strip()[-500:]}")
+        diff = ("diff", "--cached", "--binary", "--no-ext-diff", "--no-textconv", "--no-color", commit, "--")
+        return _bounded_output(["git", *SAFE_GIT, *diff], work_tree, env, max_bytes, deadline)
+
+
+def _bounded_output(argv: list[str], cwd: Path, env: dict[str, str], max_bytes: int, deadline: float) -> bytes:
+    """A command's stdout, read as it comes: the command is killed at `max_bytes` or at `deadline`."""
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=errors)
+        chunks, size = [], 0
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("making the patch ran past the run's deadline")
+                if not select.select([proc.stdout], [], [], min(left, 1.0))[0]:
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 1 << 20)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadTooLarge("the patch", max_bytes)
+                chunks.append(chunk)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+        if proc.returncode != 0:
+            errors.seek(0)
+            raise CheckoutError(f"could not make the patch: {errors.read()[-500:].decode(errors='replace').strip()}")
+        return b"".join(chunks)

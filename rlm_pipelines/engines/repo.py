@@ -17,6 +17,8 @@ import contextvars
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,8 @@ from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines import checkout, prompts
 from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.models import LLMClient, ModelError, Usage
-from rlm_pipelines.sandbox import REPO_DIR, SandboxStartError, SupportsClone, SupportsSeed, can_fork, make_sandbox
+from rlm_pipelines.sandbox import (REPO_DIR, DownloadTooLarge, SandboxStartError, SupportsClone, SupportsHostView,
+                                   SupportsSeed, can_fork, make_sandbox)
 from rlm_pipelines.tasks import RepoTask
 from rlm_pipelines.text import clip
 
@@ -46,6 +49,7 @@ class AgentResult:
     status: str
     truncated: bool = False
     patch: bytes = b""
+    patch_note: Optional[str] = None  # why the root's patch was dropped
 
 
 class RepoRun:
@@ -332,17 +336,36 @@ class Agent:
     def _finish(self, final: dict[str, Any]) -> AgentResult:
         value = final.get("value")
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
-        patch = b""
-        if self.depth == 0:  # the root's changes, new files included, as a binary-safe diff
-            code, out = self.sandbox.run(f"cd {REPO_DIR} && git add -A && git diff --cached "
-                                         f"--binary {self.shared.commit} > /tmp/rlm.patch", timeout=120)
-            if code != 0:
-                raise RuntimeError(f"could not make the patch: {out.strip()[-500:]}")
-            patch = self.sandbox.download("/tmp/rlm.patch")
+        patch, note = self._patch() if self.depth == 0 else (b"", None)
+        if note is not None:
+            self.shared.tree.update_node(self.node_id, patch_note=note)
         limit = self.limits.result_truncation_limit
         truncated = self.depth > 0 and len(text) > limit
         self.shared.tree.end_node(self.node_id, "ok", result=text, result_truncated=truncated)
-        return AgentResult(text, "ok", truncated, patch)
+        return AgentResult(text, "ok", truncated, patch, note)
+
+    def _patch(self) -> tuple[bytes, Optional[str]]:
+        """The root's changes, new files included, as a binary-safe diff of at most limits.max_patch_mb, and
+        None; or b"" and why it was dropped. Where the host can see the checkout, the sandbox's processes are
+        stopped first and the diff is made on the host, so nothing in the sandbox can race it; elsewhere it is
+        made inside and downloaded bounded (regular file, size cap, the run's deadline)."""
+        run, cap = self.shared, self.limits.max_patch_mb << 20
+        try:
+            if isinstance(self.sandbox, SupportsHostView):
+                work = self.sandbox.host_view(REPO_DIR)
+                return checkout.host_patch(run.mirror, work, run.commit, cap, run.deadline,
+                                           run.cfg.sandbox.root_dir or None), None
+            code, out = self.sandbox.run(f"cd {REPO_DIR} && git add -A && git diff --cached --binary {run.commit} "
+                                         f"> /tmp/rlm.patch", timeout=max(1.0, min(120.0, run.deadline - time.monotonic())))
+            if code != 0:
+                raise RuntimeError(f"could not make the patch: {out.strip()[-500:]}")
+            return self.sandbox.download("/tmp/rlm.patch", max_bytes=cap, deadline=run.deadline), None
+        except DownloadTooLarge:
+            note = f"the patch was over limits.max_patch_mb={self.limits.max_patch_mb} and was dropped"
+        except (TimeoutError, subprocess.TimeoutExpired):
+            note = "making the patch ran past limits.wall_time_s and it was dropped"
+        print(f"warning: {note}", file=sys.stderr)
+        return b"", note
 
 
 def _bounded(history: list[dict[str, str]], budget_chars: int) -> list[dict[str, str]]:
@@ -383,7 +406,8 @@ class RepoEngine:
         task, params, tree = run.task, run.params, run.tree
         mirror, commit = checkout.prepare_mirror(params.repo, params.branch, params.commit)
         tree.run.update(repo=params.repo, branch=params.branch, commit=commit)
-        repo_run = RepoRun(run.cfg, tree, run.budget, run.progress, mirror, commit, checkout.clone_url(params.repo))
+        repo_run = RepoRun(run.cfg, tree, run.budget, run.progress, mirror, commit,
+                           checkout.clone_url(params.repo, mirror))
         if run.wrap_agent is not None:
             repo_run.wrap_agent = run.wrap_agent
         try:
@@ -399,6 +423,8 @@ class RepoEngine:
         if root.status != "ok":
             raise RuntimeError(f"the root agent ended without an answer: {root.text}")
         result = EngineResult(task.parse_result(root.text, params), root.patch)
+        if root.patch_note:
+            tree.run["patch"] = {"bytes": 0, "applies": None, "dropped": root.patch_note}
         if root.patch:
             result.patch_applies, message = checkout.patch_applies(mirror, commit, root.patch)
             tree.run["patch"] = {"bytes": len(root.patch), "applies": result.patch_applies, "check": message}

@@ -12,8 +12,9 @@ import importlib
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Optional
 
-from rlm_pipelines.sandbox.base import (REPO_DIR, WORKSPACE, BaseSandbox, Sandbox, SandboxConfigError, SandboxError,
-                                        SandboxStartError, SupportsClone, SupportsFork, SupportsSeed)
+from rlm_pipelines.sandbox.base import (REPO_DIR, WORKSPACE, BaseSandbox, DownloadTooLarge, Sandbox,
+                                        SandboxConfigError, SandboxError, SandboxStartError, SupportsClone,
+                                        SupportsFork, SupportsHostView, SupportsSeed)
 
 if TYPE_CHECKING:
     from rlm_pipelines.config import SandboxConfig
@@ -78,6 +79,7 @@ def check_sandbox(config: "SandboxConfig") -> None:
     backend(config.kind).check(config)
 
 
-__all__ = ["BACKENDS", "REPO_DIR", "WORKSPACE", "BaseSandbox", "Sandbox", "SandboxConfigError", "SandboxError",
-           "SandboxStartError", "SupportsClone", "SupportsFork", "SupportsSeed", "backend", "can_fork",
+__all__ = ["BACKENDS", "REPO_DIR", "WORKSPACE", "BaseSandbox", "DownloadTooLarge", "Sandbox", "SandboxConfigError",
+           "SandboxError", "SandboxStartError", "SupportsClone", "SupportsFork", "SupportsHostView", "SupportsSeed",
+           "backend", "can_fork",
            "check_sandbox", "describe", "make_sandbox", "typed_config"]

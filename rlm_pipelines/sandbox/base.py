@@ -9,7 +9,12 @@ Lifecycle of a sandbox:
 
 Paths given to `run(cwd=)`, `upload()` and `download()` are paths INSIDE the sandbox; relative paths are
 relative to `workdir`. Capabilities only some backends have (`SupportsClone`, `SupportsFork`,
-`SupportsSeed`) are protocols of their own: callers ask `isinstance(sandbox, SupportsClone)`, never the kind.
+`SupportsSeed`, `SupportsHostView`) are protocols of their own: callers ask `isinstance(sandbox,
+SupportsClone)`, never the kind.
+
+`download()` takes files that sandbox code may have swapped for something hostile: it reads regular files
+only, never blocks on a FIFO or device, stops at `max_bytes` (`DownloadTooLarge`) and at `deadline`
+(a `time.monotonic()` value; `TimeoutError`).
 
 This module imports nothing of the project at run time: `config.py` takes the paths from here.
 """
@@ -44,6 +49,14 @@ class SandboxConfigError(SandboxError, ValueError):
     report it as a usage error."""
 
 
+class DownloadTooLarge(SandboxError):
+    """A file to download is over the size the caller allows: nothing of it is kept."""
+
+    def __init__(self, path: str, limit: int):
+        super().__init__(f"{path} is over {limit >> 20} MB" if limit >= 1 << 20 else f"{path} is over {limit} bytes")
+        self.path, self.limit = path, limit
+
+
 @runtime_checkable
 class Sandbox(Protocol):
     id: str
@@ -59,7 +72,9 @@ class Sandbox(Protocol):
 
     def upload(self, path: str, data: bytes) -> None: ...
 
-    def download(self, path: str) -> bytes: ...
+    def download(self, path: str, max_bytes: Optional[int] = None, deadline: Optional[float] = None) -> bytes:
+        """A regular file's bytes; `DownloadTooLarge` over `max_bytes`, `TimeoutError` past `deadline`."""
+        ...
 
     def open_repl(self) -> ReplSession:
         """Start a REPL server in the sandbox and return the host-side session (closed by `stop()`)."""
@@ -98,6 +113,17 @@ class SupportsSeed(Protocol):
 
     def seed(self, base: Path, path: str) -> bool:
         """Make `path` (inside) a copy of `base` (a host folder); False where it cannot (copy another way)."""
+        ...
+
+
+@runtime_checkable
+class SupportsHostView(Protocol):
+    """The host can read a sandbox's files in place (a local sandbox): once every process in it is stopped,
+    nothing in the sandbox can race what the host reads there (e.g. the root agent's patch)."""
+
+    def host_view(self, path: str) -> Path:
+        """Stop every process of the sandbox for good (no command or REPL starts in it again) and return the
+        host folder of `path` (inside). The files stay until `stop()`."""
         ...
 
 

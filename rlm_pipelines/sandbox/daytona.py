@@ -33,7 +33,7 @@ from rlm_pipelines.config import DaytonaOptions, DaytonaSandboxConfig
 from rlm_pipelines.repl.http import HttpTransport
 from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
-from rlm_pipelines.sandbox.base import BaseSandbox, SandboxConfigError, SandboxError, SandboxStartError
+from rlm_pipelines.sandbox.base import BaseSandbox, DownloadTooLarge, SandboxConfigError, SandboxError, SandboxStartError
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +215,44 @@ class DaytonaSandbox(BaseSandbox):
     def upload(self, path: str, data: bytes) -> None:
         self._require().fs.upload_file(bytes(data), self._path(path))
 
-    def download(self, path: str) -> bytes:
-        try:
-            return self._require().fs.download_file(self._path(path))
-        except Exception as exc:
-            raise FileNotFoundError(f"{path} in Daytona sandbox {self.id}: {exc}") from exc
+    def download(self, path: str, max_bytes: Optional[int] = None, deadline: Optional[float] = None) -> bytes:
+        """A regular file's bytes. Its type and size are asked first (a FIFO or an oversize file is never
+        fetched), the fetch is abandoned at `deadline` (`TimeoutError`), and what came is checked against
+        `max_bytes` again (`DownloadTooLarge`): sandbox code may swap the file in between."""
+        target = self._path(path)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(f"downloading {path!r} ran past the run's deadline")
+        code, out = self.run(f"stat -c '%F %s' -- {shlex.quote(target)}", timeout=max(1.0, min(left or 60, 60)))
+        kind, _, size = out.strip().rpartition(" ")
+        if code != 0:
+            raise FileNotFoundError(f"{path} in Daytona sandbox {self.id}: {out.strip()[-300:]}")
+        if kind not in ("regular file", "regular empty file"):
+            raise SandboxError(f"cannot download {path!r}: not a regular file ({kind})")
+        if max_bytes is not None and int(size or 0) > max_bytes:
+            raise DownloadTooLarge(path, max_bytes)
+        data = self._fetch(target, path, None if deadline is None else deadline - time.monotonic())
+        if max_bytes is not None and len(data) > max_bytes:
+            raise DownloadTooLarge(path, max_bytes)
+        return data
+
+    def _fetch(self, target: str, path: str, timeout: Optional[float]) -> bytes:
+        """The SDK's download, given up after `timeout` s (its thread is left to finish on its own)."""
+        box: dict[str, Any] = {}
+
+        def fetch() -> None:
+            try:
+                box["data"] = self._require().fs.download_file(target)
+            except Exception as exc:
+                box["error"] = exc
+        worker = threading.Thread(target=fetch, name=f"download-{self.id}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise TimeoutError(f"downloading {path!r} from Daytona sandbox {self.id} ran past the run's deadline")
+        if "error" in box:
+            raise FileNotFoundError(f"{path} in Daytona sandbox {self.id}: {box['error']}") from box["error"]
+        return box["data"]
 
     def clone(self, url: str, path: str, branch: Optional[str] = None, commit: Optional[str] = None,
               bundle: Optional[Callable[[], Path]] = None) -> None:

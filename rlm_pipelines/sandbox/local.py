@@ -44,7 +44,8 @@ from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
 from rlm_pipelines.repl.stdio import StdioTransport
 from rlm_pipelines.sandbox import limits
-from rlm_pipelines.sandbox.base import WORKSPACE, BaseSandbox, SandboxConfigError, SandboxError, SandboxStartError
+from rlm_pipelines.sandbox.base import (WORKSPACE, BaseSandbox, DownloadTooLarge, SandboxConfigError, SandboxError,
+                                        SandboxStartError)
 from rlm_pipelines.sandbox.owner import write_owner
 from rlm_pipelines.text import clip_bytes
 
@@ -70,6 +71,7 @@ class LocalSandbox(BaseSandbox):
         self._uid: Optional[int] = None
         self._procs: set[subprocess.Popen] = set()
         self._watchdog: Optional[limits.Watchdog] = None
+        self._frozen = False  # host_view() stopped its processes for good
 
     @classmethod
     def describe(cls, config: LocalSandboxConfig) -> dict[str, str]:
@@ -288,7 +290,7 @@ class LocalSandbox(BaseSandbox):
                 os.close(fd)
         proc.info_fd = info_r  # type: ignore[attr-defined]
         with self._lock:
-            if self._stopped:
+            if self._stopped or self._frozen:
                 _kill(proc)
                 raise SandboxError(f"sandbox {self.id} was stopped")
             self._procs.add(proc)
@@ -413,10 +415,41 @@ class LocalSandbox(BaseSandbox):
                 return host, [] if rest == "." else rest.split("/")
         raise SandboxError(f"path {path!r} is outside the sandbox's {self.workdir} and {self._tmpdir()}")
 
-    def download(self, path: str) -> bytes:
-        fd = os.open(self._host_path(path), os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as handle:
-            return handle.read()
+    def download(self, path: str, max_bytes: Optional[int] = None, deadline: Optional[float] = None) -> bytes:
+        """Read a regular file of the sandbox's. Sandbox code may swap it (or a folder on its way) for a
+        symlink, a FIFO or a huge file meanwhile: folders are opened one by one without following symlinks,
+        the file non-blocking, its type checked on the open descriptor, and reading stops at `max_bytes`
+        (`DownloadTooLarge`) and at `deadline` (`TimeoutError`)."""
+        mount, parts = self._inside_parts(path)
+        if not parts:
+            raise SandboxError(f"cannot download {path!r}: it is a folder")
+        folder = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for name in parts[:-1]:
+                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+                os.close(folder)
+                folder = inner
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise SandboxError(f"cannot download {path!r}: a symlink on its way") from exc
+            raise
+        finally:
+            os.close(folder)
+        with os.fdopen(fd, "rb", buffering=0) as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SandboxError(f"cannot download {path!r}: not a regular file")
+            return _read_capped(handle, path, max_bytes, deadline)
+
+    def host_view(self, path: str) -> Path:
+        """Stop every process of the sandbox for good (see `SupportsHostView`) and return the host folder of
+        `path`: nothing inside can change it while the host reads it."""
+        with self._lock:
+            self._frozen = True
+            procs = list(self._procs)
+        for proc in procs:
+            _kill(proc)  # waits until every process of its PID namespace is gone
+        return self._host_path(path)
 
     def _host_path(self, path: str) -> Path:
         """Map a sandbox path to the host, refusing anything (symlinks included) that leaves the sandbox."""
@@ -511,6 +544,22 @@ def _child_pid(proc: subprocess.Popen) -> Optional[int]:
             proc.info_fd = None  # type: ignore[attr-defined]
             os.close(info_fd)
         return getattr(proc, "child_pid", None)
+
+
+def _read_capped(handle, path: str, max_bytes: Optional[int], deadline: Optional[float]) -> bytes:
+    """At most `max_bytes` of a regular file, in chunks, watching the deadline between them."""
+    limit = max_bytes if max_bytes is not None else sys.maxsize
+    chunks, size = [], 0
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"downloading {path!r} ran past the run's deadline")
+        chunk = handle.read(min(1 << 20, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise DownloadTooLarge(path, limit)
+        chunks.append(chunk)
 
 
 def _signal(pid: int) -> None:
