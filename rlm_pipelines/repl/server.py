@@ -322,7 +322,7 @@ class HttpChannel:
             pass  # a dropped, slow or garbled client: close it
         finally:
             self.connections.pop(writer, None)
-            writer.transport.abort()
+            writer.close()  # what was written still goes out
 
     async def _reply(self, writer, code, body, close):
         from http import HTTPStatus
