@@ -4,24 +4,37 @@
 Stdlib only, Python >= 3.9, one file uploaded verbatim, so it works in any sandbox image; it imports
 nothing from rlm_pipelines, so what the host shares (e.g. `rlm_pipelines.text.clip`) has its own
 counterpart here (`Capture` cuts cell output head + tail, in bytes, as it streams in). It keeps one
-persistent namespace and speaks the message protocol of `protocol.py` (JSON lines) on a channel of its own,
-never on the guest's stdout:
+persistent namespace and speaks the message protocol of `protocol.py` (JSON lines, ASCII only, so a lone
+surrogate travels as an escape and never breaks the writer) on a channel of its own:
 
-    python3 server.py --fds IN OUT        # stdio transport: a dedicated pipe pair inherited from the host
-    python3 server.py --http PORT --secret-file F   # HTTP transport: remote sandboxes, via a preview URL
+    python3 server.py --fds IN OUT [--max-frame-mb N]       # stdio: a pipe pair inherited from the host
+    python3 server.py --http PORT --secret-file F [...]     # HTTP: remote sandboxes, via a preview URL
 
-Threads: the MAIN thread runs cells (so an interrupt is a real SIGINT -> KeyboardInterrupt, which also
-breaks blocking calls); a READER thread receives messages, answers host replies and interrupts at once,
-and queues exec/set_vars/register for the main thread; two DRAIN threads read the cell's fds 1 and 2. The
-HTTP transport adds its server's request threads and one that exits when the host is gone.
+Two processes, because cell code can read anything its own process holds (fds, argv, memory):
+- the BROKER (started by the host) holds the host channel (the fds, or the listener and the secret). It
+  makes itself non-dumpable, so same-uid cell code can neither open /proc/<broker>/fd/*, read its memory
+  or environ, nor ptrace it. It starts
+- the WORKER (`--worker`, the same file), which runs cells, with nothing but a private pipe pair on its
+  stdin/stdout: no channel fd, fd number or secret ever reaches it. The broker checks every worker frame
+  (only `hello`, `call`, `result`; results only for commands it issued and has not seen answered, under
+  random ids it chose; fresh call ids; under --max-frame-mb). A violation kills the worker and tells the
+  host {"type": "exit", "reason": ...} before the broker exits: a frame cell code forges cannot pass as the
+  host's, and one that breaks the rules ends that REPL instead of confusing the host.
+
+Worker threads: the MAIN thread runs cells (so an interrupt is a real SIGINT -> KeyboardInterrupt, which
+also breaks blocking calls); a READER thread takes broker messages, answers host replies and interrupts at
+once and queues exec/set_vars/register; two DRAIN threads read the cell's fds 1 and 2 (cell output never
+travels as a frame). Broker threads: the main thread reads the worker, one reads the host, one waits for
+the worker to exit; the HTTP transport adds one event-loop thread (any number of idle connections cost no
+thread) and one that exits when the host is gone.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import ast
 import builtins
+import hmac
 import inspect
 import itertools
 import json
@@ -30,15 +43,17 @@ import os
 import queue
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 SERVER_FILE = os.path.abspath(__file__)
 RESERVED = {"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"}
+SETTING = "sandbox.repl.max_message_mb"
+SLACK = 64 * 1024  # frame envelope (ids, keys) on top of the payload limit
 
 
 class _Stop(BaseException):
@@ -52,6 +67,24 @@ class _Stop(BaseException):
 
 class ToolError(RuntimeError):
     """A host function called from sandbox code failed on the host."""
+
+
+def encode(message):
+    """One frame: ASCII JSON (lone surrogates become escapes, never an encoding error) and a newline."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=True, default=repr).encode("ascii") + b"\n"
+
+
+def _prctl(option, value):
+    """prctl(2) through ctypes; False where it is not available (then the caller says so)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
 
 
 # --------------------------------------------------------------------------- output capture
@@ -130,143 +163,242 @@ class Capture:
         return text + tail.decode("utf-8", "replace")
 
 
-# --------------------------------------------------------------------------- the channel
+# --------------------------------------------------------------------------- channels
+
+
+class FrameTooLarge(ValueError):
+    """A frame longer than the channel's limit; it was not buffered whole."""
 
 
 class StdioChannel:
-    def __init__(self, fd_in, fd_out):
+    """JSON lines over a pipe pair: the host's pair to the broker, or the broker's private one to the worker."""
+
+    def __init__(self, fd_in, fd_out, limit=None):
         self.reader = os.fdopen(fd_in, "rb", buffering=1 << 16)
-        self.fd_out = fd_out
+        self.fd_out, self.limit = fd_out, limit
         self.lock = threading.Lock()
 
     def send(self, message):
-        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=repr).encode() + b"\n"
+        self.send_bytes(encode(message))
+
+    def send_bytes(self, data):
+        view = memoryview(data)
         with self.lock:
-            view = memoryview(data)
             while view:
                 view = view[os.write(self.fd_out, view):]
 
+    def flush(self):
+        """Everything sent is written already."""
+
     def messages(self):
-        for line in self.reader:
+        """Decoded frames; with a limit, a longer line raises FrameTooLarge after reading only limit bytes."""
+        while True:
+            line = self.reader.readline(self.limit + 1 if self.limit else -1)
+            if not line:
+                return
+            if self.limit and len(line) > self.limit and not line.endswith(b"\n"):
+                raise FrameTooLarge("a message over %d MB" % (self.limit >> 20))
             if line.strip():
                 yield json.loads(line)
+
+
+HEAD_LIMIT = 64 * 1024  # request line + headers
+HEAD_TIMEOUT = 30.0  # to send a request's head, on a new or an idle kept-alive connection
+MAX_CONNECTIONS = 64  # open at once; at the limit the oldest never-authenticated one is dropped
 
 
 class HttpChannel:
     """The HTTP transport: the host POSTs its messages to /messages and long-polls GET /events for ours.
 
     Every request must carry the per-session secret (header X-Rlm-Secret; the provider's own token is
-    checked by its gateway before we see anything). Retries are safe both ways: the host numbers what it
-    posts (`seq`) and one already seen is acknowledged and dropped, so a retried POST after a lost response
-    never runs a cell twice; we number what we send and the host asks for what comes after the last number
-    it has, so a lost poll response loses nothing (acknowledged events are dropped then). A host that has
-    not been heard from for `idle_exit` seconds is gone: the server exits rather than outlive it.
+    checked by its gateway before we see anything). The secret is checked on the request head, before any
+    body is read; a body must have a valid Content-Length under the frame limit. One asyncio loop in one
+    thread serves every connection, so idle or slow connections (cell code can open them on localhost)
+    cost no threads, and at MAX_CONNECTIONS the oldest connection that never authenticated is dropped.
+
+    Retries are safe both ways: the host numbers what it posts (`seq`) and one already seen is acknowledged
+    and dropped, so a retried POST after a lost response never runs a cell twice; we number what we send and
+    the host asks for what comes after the last number it has, so a lost poll response loses nothing
+    (acknowledged events are dropped then). A host not heard from for `idle_exit` seconds is gone: the
+    server exits rather than outlive it.
     """
 
-    def __init__(self, port, secret, idle_exit=300.0):
-        self.secret = secret.encode()
+    def __init__(self, port, secret, max_body, idle_exit=300.0):
+        import asyncio
+
+        self.asyncio = asyncio
+        self.secret, self.max_body, self.idle_exit = secret.encode(), max_body, idle_exit
         self.inbox = queue.Queue()
         self.outbox = []  # [(n, message)], n increasing
-        self.sent = 0
+        self.sent = self.delivered = 0
         self.seen = set()
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
         self.heard = time.monotonic()
-        self.idle_exit = idle_exit
-        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), HttpHandler)
-        self.httpd.channel = self  # what HttpHandler serves
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None  # a dropped client is not cell output
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        threading.Thread(target=self._watch_host, daemon=True).start()
+        self.connections = {}  # writer -> authenticated yet, in the order they opened
+        self.loop = asyncio.new_event_loop()
+        self.changed = None
+        started = queue.Queue()
+        threading.Thread(target=self._run, args=(port, started), daemon=True).start()
+        failure = started.get()
+        if failure is not None:
+            raise failure
 
-    def events_after(self, after, wait):
-        """Our messages numbered above `after`, waiting up to `wait` seconds for the first one."""
-        with self.cond:
-            self.outbox = [item for item in self.outbox if item[0] > after]  # the host has the rest
-            self.cond.wait_for(lambda: self.outbox, timeout=wait)
-            return [list(item) for item in self.outbox]
+    def _run(self, port, started):
+        asyncio = self.asyncio
+        asyncio.set_event_loop(self.loop)
+        self.changed = asyncio.Event()
+        try:
+            self.loop.run_until_complete(asyncio.start_server(self._serve, "0.0.0.0", port, limit=HEAD_LIMIT,
+                                                              backlog=128))
+        except OSError as exc:
+            started.put(exc)
+            return
+        started.put(None)
+        self.loop.run_forever()
 
-    def _watch_host(self):
-        while True:
-            time.sleep(5)
-            if time.monotonic() - self.heard > self.idle_exit:
-                os._exit(0)
+    # -- the transport, for the broker (any thread)
 
     def send(self, message):
-        json.dumps(message, default=repr)
-        with self.cond:
+        encode(message)  # fails here, in the sender, if it cannot be encoded
+        with self.lock:
             self.sent += 1
             self.outbox.append((self.sent, message))
-            self.cond.notify_all()
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def flush(self, timeout=5.0):
+        """Wait (a little) until the host has received everything sent, e.g. an exit message."""
+        end = time.monotonic() + timeout
+        while self.delivered < self.sent and time.monotonic() < end:
+            time.sleep(0.05)
 
     def messages(self):
         while True:
             yield self.inbox.get()
 
+    def watch_host(self, gone):
+        while True:
+            time.sleep(5)
+            if time.monotonic() - self.heard > self.idle_exit:
+                gone()
 
-class HttpHandler(BaseHTTPRequestHandler):
-    """One request to an `HttpChannel`'s server; the channel is `self.server.channel`."""
+    # -- the server (event loop thread)
 
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms ACK wait
+    def _wake(self):
+        changed, self.changed = self.changed, self.asyncio.Event()
+        changed.set()
 
-    def log_message(self, *args):  # fd 2 belongs to cell output
-        pass
+    def _admit(self, writer):
+        if len(self.connections) >= MAX_CONNECTIONS:
+            stranger = next((w for w, known in self.connections.items() if not known), writer)
+            self.connections.pop(stranger, None)
+            stranger.transport.abort()
+        if not writer.transport.is_closing():
+            self.connections[writer] = False
 
-    def _reply(self, code, body):
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=repr).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _allowed(self):
-        channel = self.server.channel
-        given = (self.headers.get("X-Rlm-Secret") or "").encode()
-        if hmac.compare_digest(given, channel.secret):
-            channel.heard = time.monotonic()
-            return True
-        self._reply(403, {"error": "wrong or missing X-Rlm-Secret"})
-        return False
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if not self._allowed():
-            return
-        if urlparse(self.path).path != "/messages":
-            return self._reply(404, {"error": "POST /messages only"})
+    async def _serve(self, reader, writer):
+        asyncio = self.asyncio
+        self._admit(writer)
         try:
-            posted = json.loads(body)
-            seq, message = posted["seq"], posted["message"]
-        except (ValueError, KeyError, TypeError) as exc:
-            return self._reply(400, {"error": "expected {seq, message}: %s" % exc})
-        channel = self.server.channel
-        with channel.cond:
-            duplicate = seq in channel.seen
-            channel.seen.add(seq)
-        if not duplicate:
-            channel.inbox.put(message)
-        self._reply(200, {"ok": True, "duplicate": duplicate})
+            while writer in self.connections:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+                method, target, headers = _parse_head(head)
+                if not hmac.compare_digest(headers.get("x-rlm-secret", "").encode(), self.secret):
+                    return await self._reply(writer, 403, {"error": "wrong or missing X-Rlm-Secret"}, True)
+                self.connections[writer] = True
+                self.heard = time.monotonic()
+                body = b""
+                if method == "POST":
+                    length = headers.get("content-length", "")
+                    if not length.isdigit():
+                        return await self._reply(writer, 400, {"error": "POST needs a Content-Length"}, True)
+                    if int(length) > self.max_body:
+                        return await self._reply(writer, 413, {"error": "body over %d bytes (%s)"
+                                                               % (self.max_body, SETTING)}, True)
+                    body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT)
+                code, answer = await self._handle(method, target, body)
+                await self._reply(writer, code, answer, headers.get("connection", "").lower() == "close")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError,
+                ValueError):
+            pass  # a dropped, slow or garbled client: close it
+        finally:
+            self.connections.pop(writer, None)
+            writer.close()  # what was written still goes out
 
-    def do_GET(self):
-        if not self._allowed():
-            return
-        url = urlparse(self.path)
-        if url.path != "/events":
-            return self._reply(404, {"error": "GET /events only"})
-        query = parse_qs(url.query)
-        after = int(query.get("after", ["0"])[0])
-        wait = min(float(query.get("wait", ["25"])[0]), 60.0)
-        self._reply(200, {"events": self.server.channel.events_after(after, wait)})
+    async def _reply(self, writer, code, body, close):
+        from http import HTTPStatus
+
+        data = encode(body)
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+                % (code, HTTPStatus(code).phrase, len(data), "Connection: close\r\n" if close else ""))
+        writer.write(head.encode("ascii") + data)
+        await writer.drain()
+        if close:
+            self.connections.pop(writer, None)
+
+    async def _handle(self, method, target, body):
+        url = urlparse(target)
+        if method == "POST" and url.path == "/messages":
+            try:
+                posted = json.loads(body)
+                seq, message = posted["seq"], posted["message"]
+                if not isinstance(message, dict):
+                    raise TypeError("message is not an object")
+            except (ValueError, KeyError, TypeError) as exc:
+                return 400, {"error": "expected {seq, message}: %s" % exc}
+            duplicate = seq in self.seen
+            self.seen.add(seq)
+            if not duplicate:
+                self.inbox.put(message)
+            return 200, {"ok": True, "duplicate": duplicate}
+        if method == "GET" and url.path == "/events":
+            query = parse_qs(url.query)
+            try:
+                after = int(query.get("after", ["0"])[0])
+                wait = max(0.0, min(float(query.get("wait", ["25"])[0]), 60.0))
+            except ValueError as exc:
+                return 400, {"error": "after and wait must be numbers: %s" % exc}
+            return 200, {"events": await self._events_after(after, wait)}
+        return 404, {"error": "POST /messages or GET /events only"}
+
+    async def _events_after(self, after, wait):
+        """Our messages numbered above `after`, waiting up to `wait` seconds for the first one."""
+        end = self.loop.time() + wait
+        while True:
+            changed = self.changed
+            with self.lock:
+                self.outbox = [item for item in self.outbox if item[0] > after]  # the host has the rest
+                events = [list(item) for item in self.outbox]
+                if events:
+                    self.delivered = max(self.delivered, events[-1][0])
+            left = end - self.loop.time()
+            if events or left <= 0:
+                return events
+            try:
+                await self.asyncio.wait_for(changed.wait(), left)
+            except self.asyncio.TimeoutError:
+                pass
 
 
-# --------------------------------------------------------------------------- the server
+def _parse_head(head):
+    """(method, target, {lower-case header: value}) of a request head; ValueError if it is not one."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _version = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return method, target, headers
 
 
-class Server:
-    def __init__(self, channel, output_limit):
-        self.channel = channel
+# --------------------------------------------------------------------------- the worker
+
+
+class Worker:
+    """Runs cells in one persistent namespace; talks only to the broker, over `channel`."""
+
+    def __init__(self, channel, output_limit, max_frame):
+        self.channel, self.max_frame = channel, max_frame
         marker = b"\x00<rlm-cell-end-" + secrets.token_hex(8).encode() + b">\x00"
         sys.stdout.flush()
         sys.stderr.flush()
@@ -326,10 +458,15 @@ class Server:
         except (TypeError, ValueError) as exc:
             raise TypeError("%s(): arguments must be JSON-compatible (str, int, float, bool, list, dict, "
                             "None): %s" % (name, exc)) from None
+        data = encode(message)
+        if len(data) > self.max_frame:  # refused here, never sent: the host would end the REPL for it
+            raise ValueError("%s(): the arguments are %.1f MB, over the %g MB limit of one message (%s); pass "
+                             "less per call (e.g. split the text)" % (name, len(data) / (1 << 20),
+                                                                     self.max_frame / (1 << 20), SETTING))
         with self.pending_lock:
             self.pending[call_id] = slot
         try:
-            self.channel.send(message)
+            self.channel.send_bytes(data)
             slot[0].wait()
         finally:
             with self.pending_lock:
@@ -454,12 +591,27 @@ class Server:
             except Exception:
                 pass
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        return {"stdout": self.out.end(), "stderr": self.err.end(), "error": error, "final": final,
-                "value": value, "duration_s": duration}
+        return self._bounded({"stdout": self.out.end(), "stderr": self.err.end(), "error": error,
+                              "final": final, "value": value, "duration_s": duration})
+
+    def _bounded(self, result):
+        """A result that fits one message: a final value over the limit becomes an error naming it."""
+        size = len(encode(result))
+        if size <= self.max_frame:
+            return result
+        limit = self.max_frame / (1 << 20)
+        message = ("the cell's final value is %.1f MB, over the %g MB limit of one message (%s); write it to a "
+                   "file or return less" % (size / (1 << 20), limit, SETTING))
+        result.update(final=None, value=None, error={"type": "ValueError", "message": message,
+                                                     "traceback": "ValueError: %s\n" % message})
+        for key in ("stdout", "stderr"):  # only when output_limit_chars is set above the message limit
+            if len(encode(result)) > self.max_frame:
+                result[key] = result[key][: self.max_frame // 4] + "\n... [cut: %s]\n" % SETTING
+        return result
 
     def serve(self):
         handlers = {"exec": self.exec_cell, "set_vars": self.set_vars, "register": self.register}
-        self.channel.send({"type": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})
+        self.channel.send({"type": "hello", "python": sys.version.split()[0]})
         threading.Thread(target=self.read_loop, daemon=True).start()
         while True:
             message = self.commands.get()
@@ -473,7 +625,178 @@ class Server:
                 continue  # an interrupt that raced the end of a cell: nothing was running
             except Exception as exc:
                 reply["error"] = _describe(exc)
-            self.channel.send(reply)
+            try:
+                self.channel.send(reply)
+            except (TypeError, ValueError) as exc:  # e.g. a circular value: say so instead of going silent
+                self.channel.send({"type": "result", "id": reply["id"], "error": _describe(exc)})
+
+
+# --------------------------------------------------------------------------- the broker
+
+
+class Violation(Exception):
+    """The worker (so, cell code) broke the protocol; the REPL must end."""
+
+
+class Broker:
+    """Holds the host channel; runs cells in a worker process that never sees it, and checks its frames."""
+
+    def __init__(self, channel, worker_args, max_frame):
+        self.channel, self.max_frame = channel, max_frame
+        self.lock = threading.Lock()
+        self.commands = {}  # random id given to the worker -> the host's id, while the command runs
+        self.calls = {}  # our call id towards the host -> the worker's call id, while the call runs
+        self.worker_calls = set()  # call ids the worker has used (each only once)
+        self.call_ids = itertools.count(1)
+        self.ending = False
+        # The worker gets the sandbox's environment and a private pipe pair as stdin/stdout; close_fds keeps
+        # every other fd (the host's pipes, the listener) out of it. The interpreter is our own running one
+        # (/proc/self/exe works even where its path is not searchable by the sandbox uid); argv[0] stays
+        # the path we were started as, so a venv is found the same way.
+        self.worker = subprocess.Popen([sys.executable or "python3", "-I", SERVER_FILE, "--worker", *worker_args],
+                                       executable="/proc/self/exe", stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, close_fds=True, bufsize=0)
+        self.to_worker = self.worker.stdin.fileno()
+        self.from_worker = StdioChannel(os.dup(self.worker.stdout.fileno()), None, max_frame + SLACK)
+        self.worker.stdout.close()
+        self.write_lock = threading.Lock()
+
+    def serve(self):
+        threading.Thread(target=self._read_host, daemon=True).start()
+        threading.Thread(target=self._wait_worker, daemon=True).start()
+        watch = getattr(self.channel, "watch_host", None)
+        if watch is not None:
+            threading.Thread(target=watch, args=(self._host_gone,), daemon=True).start()
+        try:
+            hello = True
+            for message in self.from_worker.messages():
+                self._from_worker(message, hello)
+                hello = False
+        except Violation as exc:
+            self._violation(str(exc))
+        except FrameTooLarge:
+            self._violation("the REPL sent a message over the %g MB limit (%s)" % (self.max_frame / (1 << 20),
+                                                                                  SETTING))
+        except ValueError as exc:
+            self._violation("the REPL sent a message that is not JSON: %s" % exc)
+        except OSError as exc:  # the host's end is closed: nobody is left to talk to
+            sys.stderr.write("rlm repl server: channel failed: %r\n" % (exc,))
+            self._end(0)
+        self._wait_worker()  # the pipe is closed: the worker is gone or going (or left it to a child)
+        threading.Event().wait()  # whoever saw the worker exit ends the process
+
+    # -- worker -> host
+
+    def _from_worker(self, message, first):
+        kind = message.get("type") if isinstance(message, dict) else None
+        if first != (kind == "hello"):
+            raise Violation("the REPL sent %r where %s was due" % (kind, "hello" if first else "call or result"))
+        if kind == "hello":
+            return self.channel.send({"type": "hello", "pid": os.getpid(), "python": message.get("python")})
+        if kind == "result":
+            with self.lock:
+                host_id = self.commands.pop(message.get("id"), self)
+            if host_id is self:
+                raise Violation("the REPL answered a command that was not asked or already answered")
+            return self.channel.send({**message, "id": host_id})
+        if kind != "call":
+            raise Violation("the REPL sent a message of type %r" % (kind,))
+        worker_call = message.get("call_id")
+        with self.lock:
+            if not isinstance(worker_call, (int, str)) or worker_call in self.worker_calls:
+                raise Violation("the REPL reused call id %r" % (worker_call,))
+            self.worker_calls.add(worker_call)
+            running = bool(self.commands)
+            call_id = next(self.call_ids)
+            if running:
+                self.calls[call_id] = worker_call
+        if not running:  # a thread or process left behind by an earlier cell: no host work outside a cell
+            return self._to_worker({"type": "reply", "call_id": worker_call,
+                                    "error": "host functions can only be called while a cell runs"})
+        self.channel.send({"type": "call", "call_id": call_id, "name": message.get("name"),
+                           "args": message.get("args"), "kwargs": message.get("kwargs")})
+
+    # -- host -> worker
+
+    def _read_host(self):
+        try:
+            for message in self.channel.messages():
+                if not self._from_host(message):
+                    break
+        except Exception as exc:  # a broken channel: nobody is left to talk to
+            sys.stderr.write("rlm repl server: channel failed: %r\n" % (exc,))
+        self._end(0)  # host gone or shutdown: never outlive the session
+
+    def _from_host(self, message):
+        kind = message.get("type")
+        if kind == "shutdown":
+            return False
+        if kind == "reply":
+            with self.lock:
+                worker_call = self.calls.pop(message.get("call_id"), self)
+            if worker_call is not self:  # a late reply to an interrupted call is dropped
+                self._to_worker({**message, "call_id": worker_call})
+        elif kind == "interrupt":
+            with self.lock:
+                ids = [w for w, h in self.commands.items() if message.get("id") in (None, h)]
+            if ids:
+                self._to_worker({"type": "interrupt", "id": ids[0]})
+        else:
+            worker_id = secrets.token_hex(8)
+            with self.lock:
+                self.commands[worker_id] = message.get("id")
+            self._to_worker({**message, "id": worker_id})
+        return True
+
+    def _to_worker(self, message):
+        view = memoryview(encode(message))
+        try:
+            with self.write_lock:
+                while view:
+                    view = view[os.write(self.to_worker, view):]
+        except OSError:  # the worker closed its end: it is going, and _wait_worker reports how
+            pass
+
+    # -- endings
+
+    def _violation(self, reason):
+        with self.lock:
+            self.ending = True
+        self.worker.kill()
+        sys.stderr.write("rlm repl server: protocol violation, REPL stopped: %s\n" % reason)
+        sys.stderr.flush()
+        try:
+            self.channel.send({"type": "exit", "reason": "protocol violation: %s" % reason})
+            self.channel.flush()
+        except Exception:
+            pass
+        os._exit(1)
+
+    def _host_gone(self):
+        self._end(0)
+
+    def _end(self, code):
+        with self.lock:
+            self.ending = True
+        self.worker.kill()
+        self.worker.wait()
+        os._exit(code)
+
+    def _wait_worker(self):
+        """When the worker exits (a cell called os._exit, a crash, a kill), end the same way."""
+        code = self.worker.wait()
+        with self.lock:
+            if self.ending:
+                return
+            self.ending = True
+        if code < 0:  # killed by a signal: die of the same one, so the host's "killed by signal N" holds
+            try:
+                signal.signal(-code, signal.SIG_DFL)
+            except (OSError, ValueError):  # SIGKILL and SIGSTOP keep their default anyway
+                pass
+            os.kill(os.getpid(), -code)
+            time.sleep(1)
+        os._exit(code if code >= 0 else 128 - code)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -545,24 +868,42 @@ def main(argv=None):
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--fds", nargs=2, type=int, metavar=("IN", "OUT"))
     how.add_argument("--http", type=int, metavar="PORT")
+    how.add_argument("--worker", action="store_true", help="internal: the process that runs cells (started "
+                     "by the server itself, speaking to it on stdin/stdout)")
     parser.add_argument("--secret-file", help="with --http: file holding the session secret (deleted once read, "
                         "so it is not on the command line for sandbox code to read)")
     parser.add_argument("--idle-exit", type=float, default=300.0, help="with --http: exit when the host is "
                         "silent this long")
     parser.add_argument("--output-limit", type=int, default=100_000)
+    parser.add_argument("--max-frame-mb", type=float, default=8.0, help="largest message either way, in MB "
+                        "(%s)" % SETTING)
     args = parser.parse_args(argv)
+    max_frame = int(args.max_frame_mb * (1 << 20))
+    if args.worker:
+        return run_worker(args.output_limit, max_frame)
+    if args.http is not None and not args.secret_file:
+        parser.error("--http needs --secret-file")
+    if not _prctl(PR_SET_DUMPABLE, 0):  # before anything secret is read or any channel fd is used
+        sys.stderr.write("rlm repl server: warning: cannot make the server non-dumpable (no prctl)\n")
     if args.http is not None:
-        if not args.secret_file:
-            parser.error("--http needs --secret-file")
         with open(args.secret_file) as handle:
             secret = handle.read().strip()
         os.unlink(args.secret_file)
-        channel = HttpChannel(args.http, secret, args.idle_exit)
+        channel = HttpChannel(args.http, secret, max_frame + SLACK, args.idle_exit)
     else:
         channel = StdioChannel(*args.fds)
+    worker_args = ["--output-limit", str(args.output_limit), "--max-frame-mb", repr(args.max_frame_mb)]
+    Broker(channel, worker_args, max_frame).serve()
+
+
+def run_worker(output_limit, max_frame):
+    """The worker: its channel is the broker's pipe pair on stdin/stdout, moved to fds of its own (not
+    inherited by what cells start) before fds 0-2 are taken over for the cell."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the broker gone (killed): so is the worker
+    channel = StdioChannel(os.dup(0), os.dup(1))
     sys.stdout.reconfigure(errors="backslashreplace", line_buffering=True)  # print and os.system stay in order
     sys.stderr.reconfigure(errors="backslashreplace")
-    Server(channel, args.output_limit).serve()
+    Worker(channel, output_limit, max_frame).serve()
 
 
 if __name__ == "__main__":

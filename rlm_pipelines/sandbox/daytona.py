@@ -348,7 +348,8 @@ class DaytonaSandbox(BaseSandbox):
             sdk.process.create_session(session_id)
             command = (f"cd {shlex.quote(self.workdir)} && exec {self.options.python} -I {RLM_DIR}/server.py "
                        f"--http {port} --secret-file {secret_file} "
-                       f"--output-limit {self.config.repl.output_limit_chars}")
+                       f"--output-limit {self.config.repl.output_limit_chars} "
+                       f"--max-frame-mb {self.config.repl.max_message_mb}")
             started = sdk.process.execute_session_command(
                 session_id, SessionExecuteRequest(command=command, run_async=True))
             link = sdk.get_preview_link(port)

@@ -326,7 +326,8 @@ class LocalSandbox(BaseSandbox):
     def open_repl(self) -> ReplSession:
         self.start()
         server = str(SERVER_PATH) if self.isolation == "none" else "/.rlm/server.py"
-        args = ["--output-limit", str(self.config.repl.output_limit_chars)]
+        args = ["--output-limit", str(self.config.repl.output_limit_chars),
+                "--max-frame-mb", str(self.config.repl.max_message_mb)]
 
         def spawn() -> StdioTransport:
             def start(server_args: list[str], fds: tuple[int, int]) -> subprocess.Popen:
