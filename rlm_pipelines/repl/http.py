@@ -164,14 +164,15 @@ def _read_capped(response: httpx.Response, cap: int, cut: bool = False) -> bytes
     the first `cap` bytes: for error pages, which are only shown)."""
     length = response.headers.get("Content-Length", "")
     if not cut and length.isdigit() and int(length) > cap:
-        raise ProtocolViolation(f"it answered with a body of {int(length)} bytes, over the limit of {cap}")
+        raise ProtocolViolation(f"it answered with a body of {int(length) / 2**20:.1f} MB, over "
+                                f"{cap / 2**20:.1f} MB")
     body = bytearray()
     for chunk in response.iter_bytes(64 * 1024):
         body += chunk
         if len(body) > cap:
             if cut:
                 return bytes(body[:cap])
-            raise ProtocolViolation(f"it answered with a body of more than {cap} bytes")
+            raise ProtocolViolation(f"it answered with a body of more than {cap / 2**20:.1f} MB")
     return bytes(body)
 
 

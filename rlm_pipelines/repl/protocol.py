@@ -53,7 +53,7 @@ def frame_limit(max_message_mb: float) -> int:
 
 def too_large(what: str, size: int, max_message_mb: float) -> str:
     """The one way an oversize message is explained: its size, the limit and the setting that sets it."""
-    return (f"{what} is {size / 1024 / 1024:.1f} MB, over the REPL's message limit of {max_message_mb:g} MB "
+    return (f"{what}: {size / 1024 / 1024:.1f} MB, over the REPL's message limit of {max_message_mb:g} MB "
             f"({SETTING}); pass large data through files, or raise {SETTING}")
 
 
