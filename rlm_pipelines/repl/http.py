@@ -12,11 +12,16 @@ retried with backoff. Retrying is safe: every posted message has a sequence numb
 duplicates (an `exec` whose response was lost is not run again), and polls ask for events after the last
 number received (a lost response loses nothing). When requests keep failing, `RemoteProcess.alive()` (the
 provider's own view of the server process) decides between "still starting / transient" and "gone".
+
+Every response body is read as a stream and abandoned past a byte cap (a poll may carry several frames:
+`POLL_FRAMES` of them), so a server that answers with gigabytes costs the host one capped body; that, or
+a body that is not the expected JSON, is a ProtocolViolation.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import threading
@@ -25,7 +30,13 @@ from typing import Any, Iterator, Optional, Protocol
 
 import httpx
 
+from rlm_pipelines.repl.protocol import ProtocolViolation, check, encode
+
 log = logging.getLogger(__name__)
+
+POLL_FRAMES = 4  # a poll's body may hold this many full-size frames
+SMALL_BODY = 64 * 1024  # any other answer (to a post, an error page)
+JSON = {"Content-Type": "application/json"}
 
 TRANSIENT_STATUS = {502, 503, 504}
 TRANSIENT_ERRORS = (httpx.TransportError,)  # connect/read errors, resets, timeouts
@@ -48,6 +59,8 @@ class HttpTransport:
         `X-Rlm-Secret`; `retry_s`: how long transient failures of one request are retried."""
         self.url, self.process, self.retry_s, self.poll_s = url.rstrip("/"), process, retry_s, poll_s
         # One client per direction, so a long poll never holds up a post (and vice versa).
+        # Uncompressed bodies, so the byte cap counts what is held (a gateway may still compress).
+        headers = {**headers, "Accept-Encoding": "identity"}
         self._post = httpx.Client(headers=headers, timeout=httpx.Timeout(30.0, connect=10.0))
         self._poll = httpx.Client(headers=headers, timeout=httpx.Timeout(poll_s + 30.0, connect=10.0))
         self._seq = itertools.count(1)
@@ -59,20 +72,22 @@ class HttpTransport:
 
     def send(self, message: dict[str, Any]) -> None:
         with self._seq_lock:
-            body = {"seq": next(self._seq), "message": message}
-        self._request(self._post, "POST", "/messages", json=body)
+            body = encode({"seq": next(self._seq), "message": message})  # ASCII: cannot fail on any text
+        self._request(self._post, "POST", "/messages", content=body, headers=JSON)
 
-    def messages(self) -> Iterator[dict[str, Any]]:
+    def messages(self, max_bytes: int) -> Iterator[dict[str, Any]]:
+        """Messages until the server is gone; ProtocolViolation for an oversize or malformed answer."""
         after = 0
         try:
             while not self._killed.is_set():
                 try:
-                    reply = self._request(self._poll, "GET", "/events", params={"after": after, "wait": self.poll_s})
+                    body = self._request(self._poll, "GET", "/events", cap=POLL_FRAMES * max_bytes,
+                                         params={"after": after, "wait": self.poll_s})
                 except ConnectionError as exc:
                     if not self._killed.is_set():
                         log.warning("REPL server unreachable: %s", exc)
                     return
-                for number, message in reply.json()["events"]:
+                for number, message in _events(body, max_bytes):
                     if number > after:
                         after = number
                         yield message
@@ -85,8 +100,8 @@ class HttpTransport:
             return
         self._killed.set()
         try:  # the server exits on shutdown; the provider's kill below makes sure
-            self._post.post(self.url + "/messages", json={"seq": next(self._seq), "message": {"type": "shutdown"}},
-                            timeout=5.0)
+            shutdown = encode({"seq": next(self._seq), "message": {"type": "shutdown"}})
+            self._post.post(self.url + "/messages", content=shutdown, headers=JSON, timeout=5.0)
         except httpx.HTTPError:
             pass
         self._post.close()
@@ -108,21 +123,24 @@ class HttpTransport:
 
     # -- requests with retries
 
-    def _request(self, client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request, retrying transient failures. Raises ConnectionError when the server is gone (or
-        was killed) and on answers no retry can fix (403: wrong secret)."""
+    def _request(self, client: httpx.Client, method: str, path: str, cap: int = SMALL_BODY, **kwargs: Any) -> bytes:
+        """The body of one request (at most `cap` bytes), retrying transient failures. Raises
+        ConnectionError when the server is gone (or was killed) and on answers no retry can fix (403: wrong
+        secret); ProtocolViolation for a body over `cap`."""
         first_failure: Optional[float] = None
         delay = 0.1
         while True:
             if self._killed.is_set():
                 raise ConnectionError("the REPL server was stopped")
             try:
-                response = client.request(method, self.url + path, **kwargs)
-                if response.status_code < 300:
-                    return response
-                if response.status_code not in TRANSIENT_STATUS:
-                    raise ConnectionError(f"{method} {path}: HTTP {response.status_code}: {response.text[:300]}")
-                problem = f"HTTP {response.status_code}"
+                with client.stream(method, self.url + path, **kwargs) as response:
+                    if response.status_code < 300:
+                        return _read_capped(response, cap)
+                    status = response.status_code
+                    if status not in TRANSIENT_STATUS:
+                        text = _read_capped(response, SMALL_BODY, cut=True).decode(errors="replace")
+                        raise ConnectionError(f"{method} {path}: HTTP {status}: {text[:300]}")
+                problem = f"HTTP {status}"
             except TRANSIENT_ERRORS as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             except RuntimeError as exc:  # the client was closed by kill()
@@ -139,3 +157,34 @@ class HttpTransport:
             log.debug("%s %s: %s; retrying", method, path, problem)
             self._killed.wait(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
+
+
+def _read_capped(response: httpx.Response, cap: int, cut: bool = False) -> bytes:
+    """The body, read in chunks and never past `cap` bytes: over it, ProtocolViolation (or, with `cut`,
+    the first `cap` bytes: for error pages, which are only shown)."""
+    length = response.headers.get("Content-Length", "")
+    if not cut and length.isdigit() and int(length) > cap:
+        raise ProtocolViolation(f"it answered with a body of {int(length) / 2**20:.1f} MB, over "
+                                f"{cap / 2**20:.1f} MB")
+    body = bytearray()
+    for chunk in response.iter_bytes(64 * 1024):
+        body += chunk
+        if len(body) > cap:
+            if cut:
+                return bytes(body[:cap])
+            raise ProtocolViolation(f"it answered with a body of more than {cap / 2**20:.1f} MB")
+    return bytes(body)
+
+
+def _events(body: bytes, max_bytes: int) -> list[tuple[int, dict[str, Any]]]:
+    """The numbered messages of a poll answer, each checked and made safe."""
+    try:
+        events = json.loads(body.decode("utf-8", "replace"))["events"]
+        pairs = [(number, message) for number, message in events if type(number) is int]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolViolation(f"it answered a poll with something else than events: {exc}") from None
+    if len(body) > max_bytes:  # only then can one of them be over the limit
+        for _, message in pairs:
+            if len(json.dumps(message)) > max_bytes:
+                raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB")
+    return [(number, check(message)) for number, message in pairs]

@@ -18,6 +18,13 @@ sandbox -> host
     call      {type, call_id, name, args, kwargs}    sandbox code called a host function
     result    {type, id, stdout, stderr, error:{type, message, traceback}|null,
                final:{kind, value}|null, value: repr|null, duration_s}
+    exit      {type, reason}                         the server found a protocol violation and goes down
+
+Bounds and text (both directions): no frame may exceed `sandbox.repl.max_message_mb` (plus `SLACK` for the
+envelope). The host reads frames bounded and treats a longer one, or anything that does not decode, as a
+violation: it stops that server (`ProtocolViolation`). Everything the host decodes passes through
+`safe_data` (lone surrogates -> U+FFFD) and everything it sends is ASCII JSON, so no text can make the
+channel fail. The host only honours a `result` whose id it issued and is still waiting for.
 
 Cell output never travels on the protocol channel: the server reads fds 1 and 2 from pipes of its own, so
 printing (or `os.system`) cannot forge a message.
@@ -29,16 +36,48 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from rlm_pipelines.text import safe_data, safe_text
+
+SLACK = 64 * 1024  # room for a frame's envelope (type, ids, stdout of a cell) on top of the message limit
+SETTING = "sandbox.repl.max_message_mb"
+
+
+class ProtocolViolation(ValueError):
+    """The server sent something no honest server sends (an oversize or undecodable frame): it is stopped."""
+
+
+def frame_limit(max_message_mb: float) -> int:
+    """The most bytes one frame may take on the channel."""
+    return int(max_message_mb * 1024 * 1024) + SLACK
+
+
+def too_large(what: str, size: int, max_message_mb: float) -> str:
+    """The one way an oversize message is explained: its size, the limit and the setting that sets it."""
+    return (f"{what}: {size / 1024 / 1024:.1f} MB, over the REPL's message limit of {max_message_mb:g} MB "
+            f"({SETTING}); pass large data through files, or raise {SETTING}")
+
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One frame: lone surrogates made U+FFFD, then ASCII JSON, so encoding cannot fail."""
+    return json.dumps(safe_data(message), separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n"
 
 
-def decode(line: bytes | str) -> dict[str, Any]:
-    message = json.loads(line)
+def decode(line: bytes | bytearray | str) -> dict[str, Any]:
+    """A frame from the sandbox, made safe to keep and pass on; ProtocolViolation if it is not a message."""
+    if not isinstance(line, str):
+        line = bytes(line).decode("utf-8", "replace")
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolViolation(f"it sent a frame that is not JSON ({exc}): {line[:200]!r}") from None
+    return check(message)
+
+
+def check(message: Any) -> dict[str, Any]:
+    """`message` made safe (`safe_data`) if it is a protocol message at all, else ProtocolViolation."""
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ValueError(f"not a protocol message: {line[:200]!r}")
-    return message
+        raise ProtocolViolation(f"it sent something that is not a protocol message: {str(message)[:200]!r}")
+    return safe_data(message)
 
 
 @dataclass
@@ -65,14 +104,17 @@ class CellResult:
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> "CellResult":
-        error = message.get("error")
+        """The result frame as a CellResult; fields of the wrong type (no honest server sends them) are
+        replaced, so a broken frame can never raise in the host."""
+        error, final = message.get("error"), message.get("final")
+        duration = message.get("duration_s")
         return cls(
-            stdout=message.get("stdout", ""),
-            stderr=message.get("stderr", ""),
-            error=CellError(**error) if error else None,
-            final=message.get("final"),
-            value=message.get("value"),
-            duration_s=message.get("duration_s", 0.0),
+            stdout=_text(message.get("stdout")),
+            stderr=_text(message.get("stderr")),
+            error=_error(error) if error else None,
+            final=final if isinstance(final, dict) else None,
+            value=_text(message.get("value")) if message.get("value") is not None else None,
+            duration_s=float(duration) if isinstance(duration, (int, float)) else 0.0,
         )
 
     @property
@@ -89,3 +131,13 @@ class CellResult:
         if self.error is not None:
             parts.append(str(self.error))
         return "\n".join(p.rstrip("\n") for p in parts if p)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ("" if value is None else safe_text(repr(value)))
+
+
+def _error(error: Any) -> CellError:
+    if not isinstance(error, dict):
+        return CellError("ReplError", _text(error))
+    return CellError(_text(error.get("type")) or "Error", _text(error.get("message")), _text(error.get("traceback")))

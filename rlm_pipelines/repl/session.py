@@ -31,7 +31,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from rlm_pipelines.config import ReplConfig
-from rlm_pipelines.repl.protocol import CellError, CellResult
+from rlm_pipelines.repl.protocol import SETTING, CellError, CellResult, ProtocolViolation, frame_limit, too_large
+from rlm_pipelines.text import clip, safe_data, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class Transport(Protocol):
 
     def send(self, message: dict[str, Any]) -> None: ...
 
-    def messages(self) -> Iterator[dict[str, Any]]:
-        """Blocking iterator over messages from the server; ends when the server is gone."""
+    def messages(self, max_bytes: int) -> Iterator[dict[str, Any]]:
+        """Blocking iterator over messages from the server (made safe: `protocol.decode`); ends when the
+        server is gone; raises ProtocolViolation for a frame over `max_bytes` (never read whole) or one
+        that is not a message."""
         ...
 
     def kill(self) -> None:
@@ -63,12 +66,17 @@ class Transport(Protocol):
 
 
 class _Connection:
-    """One live server: its transport, reader thread and the futures waiting on it."""
+    """One live server: its transport, reader thread and the futures waiting on it.
 
-    def __init__(self, transport: Transport, on_call: Callable[["_Connection", dict], None]):
+    Only frames the host expects are acted on: a `result` for an id it issued and still waits for (a
+    second result for the same id, or one for an id never issued, is dropped), one `hello`. A frame over
+    the limit, an undecodable one or an `exit` message ends the server with the reason, told to the cell."""
+
+    def __init__(self, transport: Transport, on_call: Callable[["_Connection", dict], None], max_bytes: int):
         self.transport = transport
         self.on_call = on_call
-        self.waiting: dict[Any, Future] = {}
+        self.max_bytes = max_bytes
+        self.waiting: dict[int, Future] = {}
         self.lock = threading.Lock()
         self.hello: Future = Future()
         self.dead = False
@@ -76,20 +84,38 @@ class _Connection:
 
     def _read(self) -> None:
         try:
-            for message in self.transport.messages():
-                kind = message.get("type")
-                if kind == "result":
-                    with self.lock:
-                        future = self.waiting.pop(message.get("id"), None)
-                    if future is not None:
-                        future.set_result(message)
-                elif kind == "call":
-                    self.on_call(self, message)
-                elif kind == "hello":
-                    self.hello.set_result(message)
+            error = self._dispatch()
+        except ProtocolViolation as exc:
+            error = ReplDied(f"the REPL server broke the protocol ({exc}; the limit is "
+                             f"set by {SETTING}), so it was stopped")
         except Exception as exc:  # a garbled channel is as fatal as a dead process
             log.warning("REPL channel failed: %r", exc)
-        self._fail(ReplDied(f"the REPL process exited ({self.transport.exit_info()})"))
+            error = ReplDied(f"the REPL channel failed ({type(exc).__name__}: {exc}), so the REPL was stopped")
+        if error is None:
+            error = ReplDied(f"the REPL process exited ({self.transport.exit_info()})")
+        else:  # the server may still be running (and writing): stop it before anyone waits on it
+            self.transport.kill()
+        self._fail(error)
+
+    def _dispatch(self) -> Optional[ReplDied]:
+        """Act on messages until the channel ends; the reason when the server announced its exit."""
+        for message in self.transport.messages(self.max_bytes):
+            kind = message.get("type")
+            if kind == "result":
+                key = message.get("id")
+                with self.lock:
+                    future = self.waiting.pop(key, None) if type(key) is int else None
+                if future is not None:
+                    future.set_result(message)
+            elif kind == "call":
+                self.on_call(self, message)
+            elif kind == "hello":
+                if not self.hello.done():
+                    self.hello.set_result(message)
+            elif kind == "exit":
+                reason = clip(str(message.get("reason") or "no reason given"), 2000)
+                return ReplDied(f"the REPL server stopped: {reason}")
+        return None
 
     def _fail(self, error: Exception) -> None:
         with self.lock:
@@ -143,6 +169,9 @@ class ReplSession:
         # they start is attributed to it.
         self._cell_context = contextvars.copy_context()
         self._inflight_lock = threading.Lock()
+        self._max_bytes = int(self.config.max_message_mb * 1024 * 1024)
+        self._held: dict[int, int] = {}  # calls queued or being answered: call id -> argument bytes
+        self._held_lock = threading.Lock()
         self._closed = False
         # Why the sandbox stopped its processes since the last call (a sandbox-wide limit), set by the sandbox
         # that keeps this session; told to the model with the cell it hit.
@@ -152,7 +181,7 @@ class ReplSession:
     # -- lifecycle
 
     def _connect(self) -> _Connection:
-        conn = _Connection(self._spawn(), self._on_call)
+        conn = _Connection(self._spawn(), self._on_call, frame_limit(self.config.max_message_mb))
         try:
             conn.hello.result(timeout=self.config.start_timeout_s)
         except FutureTimeout:
@@ -217,6 +246,7 @@ class ReplSession:
         """Inject JSON-compatible values as globals. Sent once; kept to restore them after a restart."""
         with self._lock:
             self._ensure_alive()
+            variables = safe_data(variables)  # a lone surrogate in an input cannot be written as UTF-8
             data = json.dumps(variables, ensure_ascii=False).encode() if self._stage is not None else b""
             if len(data) >= VARS_FILE_MIN_BYTES:
                 path = self._stage(f".rlm-inputs-{len(self._vars_files) + 1}.json", data)
@@ -245,6 +275,10 @@ class ReplSession:
         `timeout_s` bounds the cell's own work: while the cell waits on a host call (a sub-agent, say) its
         limit is extended. `deadline` (time.monotonic()) is absolute and never extended: the run's end."""
         timeout = self.config.cell_timeout_s if timeout_s is None else timeout_s
+        size = len(code.encode("utf-8", "replace"))
+        if size > self._max_bytes:  # the server would refuse the frame, and the REPL with it
+            return CellResult(error=CellError("ValueError", too_large("this cell's code", size,
+                                                                      self.config.max_message_mb)))
         with self._lock:
             self._ensure_alive()
             notice, self._lost = self._lost, ""
@@ -310,36 +344,80 @@ class ReplSession:
     # -- calls from sandbox code
 
     def _on_call(self, conn: _Connection, message: dict[str, Any]) -> None:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.config.host_workers, thread_name_prefix="repl-call")
-        try:
-            self._pool.submit(self._cell_context.copy().run, self._answer, conn, message)
-        except RuntimeError:  # pool shut down: the session is closing
-            pass
+        """Queue a call for the pool, or answer at once why not. Runs on the reader thread, so a refusal's
+        reply holds up reading: a server that floods the host with calls is slowed down, not buffered."""
+        call_id = message.get("call_id")
+        if type(call_id) is not int:
+            return  # nothing in the sandbox can be waiting for an answer to it
+        refusal = self._admit(call_id, message)
+        if refusal is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.config.host_workers, thread_name_prefix="repl-call")
+            try:
+                self._pool.submit(self._cell_context.copy().run, self._answer, conn, message)
+            except RuntimeError:  # pool shut down: the session is closing
+                self._release(call_id)
+        elif refusal:
+            self._send(conn, {"type": "reply", "call_id": call_id, "error": refusal})
+
+    def _admit(self, call_id: int, message: dict[str, Any]) -> Optional[str]:
+        """None when the call may run; else why not ("" when it must not be answered at all: a second
+        call with the id of one still being answered)."""
+        name, args, kwargs = message.get("name"), message.get("args", []), message.get("kwargs", {})
+        if not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
+            return "ValueError: a host call needs a name, a list of arguments and a dict of keyword arguments"
+        size = len(json.dumps([args, kwargs]))
+        if size > self._max_bytes:
+            return f"ValueError: {too_large(f'the arguments of {name}()', size, self.config.max_message_mb)}"
+        most = self.config.host_workers * HELD_PER_WORKER
+        with self._held_lock:
+            if call_id in self._held:
+                return ""
+            if len(self._held) >= most or sum(self._held.values()) + size > HELD_FRAMES * self._max_bytes:
+                return (f"RuntimeError: too many host calls at once ({len(self._held)} waiting, "
+                        f"{sum(self._held.values()) / 1024 / 1024:.0f} MB of arguments; at most {most} calls "
+                        f"and {HELD_FRAMES * self.config.max_message_mb:g} MB): wait for some to finish")
+            self._held[call_id] = size
+        return None
+
+    def _release(self, call_id: int) -> None:
+        with self._held_lock:
+            self._held.pop(call_id, None)
 
     def _answer(self, conn: _Connection, message: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"type": "reply", "call_id": message.get("call_id")}
-        name = message.get("name")
+        call_id, name = message["call_id"], message["name"]
+        reply: dict[str, Any] = {"type": "reply", "call_id": call_id}
         with self._inflight_lock:
             self._inflight += 1
         try:
             function = self._tools.get(name)
             if function is None:
                 raise NameError(f"no host function named {name!r}")
-            value = function(*message.get("args", []), **message.get("kwargs", {}))
-            json.dumps(value)
+            value = safe_data(function(*message["args"], **message["kwargs"]))  # lone surrogates -> U+FFFD
+            size = len(json.dumps(value))
+            if size > self._max_bytes:
+                raise ValueError(too_large(f"the result of {name}()", size, self.config.max_message_mb))
             reply["value"] = value
         except Exception as exc:
-            reply["error"] = f"{type(exc).__name__}: {exc}"
+            reply["error"] = safe_text(f"{type(exc).__name__}: {exc}")
         finally:
             with self._inflight_lock:
                 self._inflight -= 1
+            self._release(call_id)
         if not conn.dead:
-            try:
-                conn.transport.send(reply)
-            except OSError:
-                pass
+            self._send(conn, reply)
+
+    @staticmethod
+    def _send(conn: _Connection, reply: dict[str, Any]) -> None:
+        try:
+            conn.transport.send(reply)
+        except Exception as exc:  # the server is gone; its cell gets the REPL's death instead
+            log.debug("a reply to the REPL was not delivered: %r", exc)
+
+
+HELD_PER_WORKER = 4  # host calls queued or running, per host worker, before more are refused
+HELD_FRAMES = 16  # their arguments together, in full-size frames
 
 
 def _tool_spec(name: str, function: Callable[..., Any]) -> dict[str, Any]:

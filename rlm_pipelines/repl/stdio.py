@@ -1,7 +1,9 @@
 """The stdio transport: a dedicated pipe pair between the host and a server process it started.
 
 The server gets the pipes as extra inherited fds (not the guest's 0/1/2), so nothing sandbox code prints
-can reach the channel.
+can reach the channel. Frames are read in chunks and never held past the frame limit: a longer line is a
+ProtocolViolation the moment it passes the limit, so a server that writes gigabytes without a newline
+costs the host at most one frame's worth of memory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import subprocess
 import threading
 from typing import Any, Callable, Iterator, Optional
 
-from rlm_pipelines.repl.protocol import decode, encode
+from rlm_pipelines.repl.protocol import ProtocolViolation, decode, encode
+
+CHUNK = 64 * 1024
 
 
 class StdioTransport:
@@ -31,6 +35,7 @@ class StdioTransport:
             os.close(to_server_r)
             os.close(from_server_w)
         self._write_lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._killed = False
 
     def send(self, message: dict[str, Any]) -> None:
@@ -41,18 +46,37 @@ class StdioTransport:
             while data:
                 data = data[os.write(self._to_server, data):]
 
-    def messages(self) -> Iterator[dict[str, Any]]:
-        with os.fdopen(self._from_server, "rb", buffering=1 << 16) as stream:
-            for line in stream:
-                yield decode(line)
+    def messages(self, max_bytes: int) -> Iterator[dict[str, Any]]:
+        """Messages until the server closes its end; ProtocolViolation for a line over `max_bytes`."""
+        frame = bytearray()
+        with os.fdopen(self._from_server, "rb", buffering=0) as stream:
+            while True:
+                chunk = stream.read(CHUNK)
+                if not chunk:
+                    return  # a last line without a newline is a server that died mid-write: dropped
+                start = 0
+                while True:
+                    end = chunk.find(b"\n", start)
+                    frame += chunk[start:] if end < 0 else chunk[start:end]
+                    if len(frame) > max_bytes:
+                        raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB")
+                    if end < 0:
+                        break
+                    if frame and not frame.isspace():
+                        yield decode(frame)
+                    frame.clear()
+                    start = end + 1
 
     def kill(self) -> None:
-        with self._write_lock:
+        with self._state_lock:
             if self._killed:
                 return
             self._killed = True
-            os.close(self._to_server)
+        # The process first: a send blocked on a full pipe (a server that stopped reading) fails once the
+        # server's end is gone, and releases the write lock.
         self._kill(self.process)
+        with self._write_lock:
+            os.close(self._to_server)
 
     def exit_info(self) -> str:
         code = self.process.poll()
