@@ -6,8 +6,8 @@ Makes a synthetic Monte Cristo of about --mb MB (117 chapters with the book's he
 so Python holds it as it holds the real book), runs `python -m rlm_pipelines task=monte_cristo
 model=scripted` on it (in-process steps, no Prefect), and samples the CLI process's own peak RSS (VmHWM in
 /proc; the sandbox's processes are not counted). One iteration (the default) measures the inputs' way into
-the sandbox; more add the scripted fan-out of llm_query prompts (each holding chapters) on top. Prints the figures and the run's status; a source over
---max-input-mb should end at once with exit code 2 and a small peak.
+the sandbox; more add the scripted fan-out of llm_query prompts (each holding chapters) on top. Prints the
+figures and the run's status; a source over --max-input-mb ends at once with exit code 2 and a small peak.
 """
 
 from __future__ import annotations
