@@ -49,9 +49,10 @@ class Task:
     def check(self, params: Any) -> None:
         """Raise ValueError/FileNotFoundError with a message that says what to do."""
 
-    def input_files(self, params: Any) -> list[tuple[str, Path]]:
-        """The host files the task reads as its input, each with the setting that names it (e.g.
-        ("task.source", path)): their total size is bounded by `limits.max_input_mb` before anything starts."""
+    def input_sizes(self, params: Any) -> list[tuple[str, int]]:
+        """What the task's input is made of, each part as (the setting that makes it, its size in bytes), e.g.
+        [("task.source '/books/x.txt'", 2_700_000)] (see `file_sizes`): their sum is bounded by
+        `limits.max_input_mb` before anything starts."""
         return []
 
     def script(self, params: Any) -> Any:
@@ -89,17 +90,22 @@ class DocumentTask(Task):
         raise NotImplementedError
 
 
+def file_sizes(key: str, paths: list[Path]) -> list[tuple[str, int]]:
+    """`Task.input_sizes` of input files named by the setting `key` (e.g. task.source)."""
+    return [(f"{key} {str(path)!r}", path.stat().st_size if path.is_file() else 0) for path in paths]
+
+
 def check_input_size(task: Task, params: Any, max_input_mb: float) -> None:
-    """Raise ValueError when the task's input files together exceed `limits.max_input_mb`: the host holds
-    the inputs in memory (several copies while it splits and sends them), so an unbounded file would take the
-    host down instead of failing."""
-    sizes = [(path.stat().st_size if path.is_file() else 0, key, path) for key, path in task.input_files(params)]
-    total = sum(size for size, _, _ in sizes)
+    """Raise ValueError when the task's input together exceeds `limits.max_input_mb`: the host holds the
+    inputs in memory (more than one copy while it splits and sends them), so an unbounded input would take
+    the host down instead of failing."""
+    sizes = task.input_sizes(params)
+    total = sum(size for _, size in sizes)
     if total > max_input_mb * 2**20:
-        size, key, path = max(sizes, key=lambda item: item[0])
-        raise ValueError(f"the task's input is {total / 2**20:.0f} MB (largest: {key} {str(path)!r}, "
-                         f"{size / 2**20:.0f} MB), over limits.max_input_mb={max_input_mb:g}: give a smaller "
-                         f"input, or raise limits.max_input_mb (limits=large allows 1024)")
+        what, size = max(sizes, key=lambda item: item[1])
+        raise ValueError(f"the task's input is {total / 2**20:.0f} MB (largest: {what}, {size / 2**20:.0f} MB), "
+                         f"over limits.max_input_mb={max_input_mb:g}: give a smaller input, or raise "
+                         f"limits.max_input_mb (limits=large allows 1024)")
 
 
 def discover() -> dict[str, Task]:

@@ -105,6 +105,11 @@ def test_documents_over_max_input_mb_fail_up_front(tmp_path):
     assert "task.documents" in done.stderr
 
 
+def test_a_generated_input_over_max_input_mb_fails_up_front(tmp_path):
+    fails_up_front(["task=needles", "model=scripted", "task.documents=1000", "task.doc_chars=2000000"], tmp_path,
+                   "(largest: task.documents x task.doc_chars, 1907 MB), over limits.max_input_mb=256")
+
+
 @pytest.mark.parametrize("repo,message", [
     ("/nonexistent", "task.repo='/nonexistent' is not a folder on this machine nor a git URL"),
     ("-oProxyCommand=x", "task.repo='-oProxyCommand=x' starts with '-'"),

@@ -18,7 +18,6 @@ only when the sandbox cannot run code at all; `BudgetExceeded` (timeout) when th
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -150,11 +149,10 @@ class SandboxInterpreter:
             changed[name] = value
         if not changed:
             return
-        try:
-            json.dumps(changed)
+        try:  # set_vars serializes them (once: a large input is not copied again to check it first)
+            session.set_vars(changed)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"inputs must be JSON-compatible to enter the sandbox: {exc}") from exc
-        session.set_vars(changed)
         for name, value in changed.items():
             self._sent[name] = (value, value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value))
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_CAP_S = 30.0  # no single wait between retries is longer
+DEADLINE_SLACK_S = 0.5  # a call failing this close to the run's deadline failed because of it
 
 
 class ModelError(RuntimeError):
@@ -213,8 +214,8 @@ def _next_delay(exc: Exception, attempt: int, spec: ModelSpec, deadline: Optiona
 
     if isinstance(exc, BudgetExceeded):
         raise exc
-    try:
-        check_deadline(deadline, spec)
+    try:  # a timeout cut to the time left may fire a moment before the deadline: that is the deadline too
+        check_deadline(None if deadline is None else deadline - DEADLINE_SLACK_S, spec)
     except BudgetExceeded as timeout:
         raise timeout from exc
     delay = retry_delay(exc, attempt, spec, deadline)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_pipelines.models.scripted import Turn, TurnScript
-from rlm_pipelines.tasks import DocumentTask, TaskParams
+from rlm_pipelines.tasks import DocumentTask, TaskParams, file_sizes
 
 PROMPTS = Path(__file__).parent / "prompts"
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".yaml", ".yml", ".toml", ".tex", ""}
@@ -51,12 +51,14 @@ class DocQA(DocumentTask):
         if not params.documents:
             raise ValueError("task.documents is empty: name files, globs or folders, e.g. "
                              "task.documents='[notes/,README.md]'")
+        if params.max_files < 1:
+            raise ValueError(f"task.max_files={params.max_files} must be >= 1")
         if not params.question.strip():
             raise ValueError("task.question is empty: say what to answer, e.g. task.question='Who wrote it?'")
         expand(params.documents, params.max_files)
 
-    def input_files(self, params: DocQAParams) -> list[tuple[str, Path]]:
-        return [("task.documents", path) for path in expand(params.documents, params.max_files)]
+    def input_sizes(self, params: DocQAParams) -> list[tuple[str, int]]:
+        return file_sizes("task.documents", expand(params.documents, params.max_files))
 
     def build_inputs(self, params: DocQAParams) -> dict[str, Any]:
         texts = [f"# file: {p}\n{p.read_text(encoding='utf-8', errors='replace')}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from rlm_pipelines.tasks import DocumentTask, TaskParams
+from rlm_pipelines.tasks import DocumentTask, TaskParams, file_sizes
 from rlm_tasks.monte_cristo import book, plot, script
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -48,9 +48,11 @@ class MonteCristo(DocumentTask):
                                     f"text #1184, or leave task.source empty to download it")
         if not params.characters:
             raise ValueError("task.characters is empty: name at least one character")
+        if params.chapters_per_call < 1 or params.smoothing_window < 1:
+            raise ValueError("task.chapters_per_call and task.smoothing_window must be >= 1")
 
-    def input_files(self, params: MonteCristoParams) -> list[tuple[str, Path]]:
-        return [("task.source", Path(params.source).expanduser())] if params.source else []
+    def input_sizes(self, params: MonteCristoParams) -> list[tuple[str, int]]:
+        return file_sizes("task.source", [Path(params.source).expanduser()] if params.source else [])
 
     def build_inputs(self, params: MonteCristoParams) -> dict[str, Any]:
         chapters = book.split_chapters(book.load_text(params.source))

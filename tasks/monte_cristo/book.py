@@ -52,10 +52,11 @@ def load_text(source: Optional[str] = None, timeout_s: float = 60.0) -> str:
 def split_chapters(text: str) -> list[str]:
     """The chapters in order, each starting with its heading. The table of contents lists the same
     headings, so the body starts at the LAST "Chapter 1." heading; Gutenberg's licence text is dropped."""
-    text = text.replace("\r\n", "\n")
+    text = text.replace("\r\n", "\n")  # (the same string when there is none: files are read with newline=None)
     start, end = START.search(text), END.search(text)
-    text = text[start.end() if start else 0: end.start() if end else len(text)]
-    headings = list(HEADING.finditer(text))
+    # positions instead of a slice: no second copy of the book in memory
+    first, last = start.end() if start else 0, end.start() if end else len(text)
+    headings = list(HEADING.finditer(text, first, last))
     firsts = [i for i, match in enumerate(headings) if match.group(1) == "1"]
     if not firsts:
         raise ValueError("no 'Chapter 1.' heading found: is this The Count of Monte Cristo (Gutenberg #1184)?")
@@ -65,6 +66,6 @@ def split_chapters(text: str) -> list[str]:
         raise ValueError(f"chapter headings are out of order: {numbers[:10]}...")
     chapters = []
     for match, following in zip(body, body[1:] + [None]):
-        chunk = text[match.start(): following.start() if following else len(text)]
+        chunk = text[match.start(): following.start() if following else last]
         chapters.append(re.sub(r"\n{3,}", "\n\n", chunk.strip()))
     return chapters

@@ -56,6 +56,11 @@ class Needles(DocumentTask):
     def check(self, params: NeedlesParams) -> None:
         if params.documents < 1 or not params.labels:
             raise ValueError("task.documents must be >= 1 and task.labels must name at least one label")
+        if params.doc_chars < 0 or params.needles < 0 or params.docs_per_call < 1:
+            raise ValueError("task.doc_chars and task.needles must be >= 0, task.docs_per_call >= 1")
+
+    def input_sizes(self, params: NeedlesParams) -> list[tuple[str, int]]:
+        return [("task.documents x task.doc_chars", params.documents * params.doc_chars)]
 
     def build_inputs(self, params: NeedlesParams) -> dict[str, Any]:
         docs, _ = generate(params)
