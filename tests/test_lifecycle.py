@@ -90,6 +90,7 @@ def test_a_folder_that_holds_a_run_is_refused(tmp_path):
     assert "already holds another run's record" in done.stderr
     assert (folder / "run.json").read_text() == record
     assert not (folder / "summary.json").exists()
+    assert not (folder / ".hydra").exists()  # refused before Hydra writes into it
 
 
 # --------------------------------------------------------------------------- point 9 (records)
