@@ -89,21 +89,6 @@ def claim_folder(run_dir: Path) -> None:
         json.dump({"status": "running", "process": process_identity(), "run_dir": str(path.parent)}, file)
 
 
-class FolderGuard:
-    """A Hydra callback: refuse a run whose folder already holds a run.json before Hydra writes its own
-    files (`.hydra/`, the log) into it. `claim_folder` still decides (two runs racing for one folder)."""
-
-    def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        import sys
-
-        path = Path(str(config.hydra.run.dir)) / "run.json"
-        if path.exists():
-            print(f"error: {path} already holds another run's record; a run never writes into another run's "
-                  f"folder: leave hydra.run.dir at its default (a fresh folder per run) or name a new folder",
-                  file=sys.stderr)
-            sys.exit(2)
-
-
 # --------------------------------------------------------------------------- which process owns a record
 
 
