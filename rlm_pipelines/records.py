@@ -47,9 +47,12 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(safe_text(text))
-            file.flush()
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (from a model, a sandbox): U+FFFD in its place
+        data = safe_text(text).encode("utf-8")
+    try:
+        with open(tmp, "wb") as file:
+            file.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
