@@ -69,7 +69,7 @@ def _app(cfg) -> int:
 
     from rlm_pipelines.orchestration import run_pipeline
     from rlm_pipelines.pipeline import STATUS_EXIT, Terminated
-    from rlm_pipelines.records import FolderTaken, is_disk_full, mark_crashed
+    from rlm_pipelines.records import FolderTaken, disk_full, mark_crashed
 
     _quiet_libraries()
     _safe_logs()
@@ -92,9 +92,9 @@ def _app(cfg) -> int:
         _say(f"cancelled: run.json in {run_dir} records everything up to now")
         return 130
     except Exception as exc:  # recorded in run.json and summary.json; a sweep goes on with its next job
-        full = is_disk_full(exc)
-        if full is not None:
-            _say(f"error: {full if 'disk full' in str(full) else f'disk full: {full}'}")
+        full = disk_full(exc)
+        if full is not None:  # run.json keeps its last good version; nothing more can be written
+            _say(f"error: {full}")
             return 1
         _say(f"error: {type(exc).__name__}: {exc}\n(run.json and summary.json in {run_dir})")
         return 1
@@ -140,8 +140,9 @@ def main() -> None:
         except KeyboardInterrupt as exc:  # before the run started: nothing to record
             from rlm_pipelines.pipeline import Terminated
 
-            print("cancelled before the run started", file=sys.stderr)
-            codes.append(143 if isinstance(exc, Terminated) else 130)
+            terminated = isinstance(exc, Terminated)
+            print(f"{'terminated' if terminated else 'cancelled'} before the run started", file=sys.stderr)
+            codes.append(143 if terminated else 130)
 
     app()
     sys.exit(max(codes, default=0))

@@ -47,9 +47,12 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(safe_text(text))
-            file.flush()
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (from a model, a sandbox): U+FFFD in its place
+        data = safe_text(text).encode("utf-8")
+    try:
+        with open(tmp, "wb") as file:
+            file.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -63,12 +66,14 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1, default=str))
 
 
-def is_disk_full(exc: Optional[BaseException]) -> Optional[BaseException]:
-    """The error in `exc`'s chain that is a full disk, if any (what the console then says)."""
+def disk_full(exc: Optional[BaseException]) -> Optional[str]:
+    """What the console says when `exc` (or an error in its chain) is a full disk: "disk full: ..."; else None."""
     seen: list[BaseException] = []
     while exc is not None and all(exc is not e for e in seen):
+        if isinstance(exc, DiskFull):
+            return str(exc)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
+            return f"disk full: {exc}"
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
     return None
@@ -169,7 +174,7 @@ def mark_crashed(outputs_dir: Path) -> list[Path]:
 def _record_crash(path: Path, run: dict[str, Any]) -> None:
     ended = datetime.fromtimestamp(path.stat().st_mtime).astimezone().isoformat(timespec="milliseconds")
     error = (f"the process that ran this run (pid {run['process'].get('pid')}) ended without a final record "
-             f"(killed, e.g. SIGKILL, or the machine went down); this record was its last save")
+             f"(killed with SIGKILL, a full disk, or the machine went down); this record was its last save")
     run.update(status="crashed", error=error, ended_at=ended)
     write_json(path, run)
     summary = path.parent / "summary.json"

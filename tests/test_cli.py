@@ -13,8 +13,8 @@ import pytest
 
 from rlm_pipelines.models.scripted import register_script
 from rlm_tasks.monte_cristo import task as monte_cristo
-from tests.conftest import BOOK, api, check_monte_cristo_outputs, cli, repl_server_processes, run_dir_of,
-                            still_running
+from tests.conftest import (BOOK, api, check_monte_cristo_outputs, cli, repl_server_processes, run_dir_of,
+                            still_running)
 from tests.fakes.openai_server import OpenAIServer
 
 def test_monte_cristo_scripted_through_the_cli_and_prefect(prefect_server, tmp_path):
@@ -103,7 +103,9 @@ def test_budget_exhaustion_is_recorded(tmp_path):
 
 
 def test_ctrl_c_leaves_a_cancelled_run_and_no_sandbox(plugin_path, prefect_server, tmp_path):
-    env = {**os.environ, "PYTHONPATH": plugin_path, **prefect_server["env"]}
+    temp = tmp_path / "temp"  # this CLI's temp dir (sandbox folders): other tests' runs may use /tmp meanwhile
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": plugin_path, "TMPDIR": str(temp), **prefect_server["env"]}
     process = subprocess.Popen([sys.executable, "-m", "rlm_pipelines", "task=slow_echo", "model=scripted",
                                 "task.sleep_s=120"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -119,7 +121,7 @@ def test_ctrl_c_leaves_a_cancelled_run_and_no_sandbox(plugin_path, prefect_serve
     run = json.loads((run_dir_of(tmp_path) / "run.json").read_text())
     assert run["status"] == "cancelled"
     assert still_running(servers) == []
-    assert not [p for p in Path("/tmp").glob("rlm-dspy-*") if p.stat().st_mtime > time.time() - 300]
+    assert not list(temp.glob("rlm-*"))
 
 
 def test_repo_run_through_prefect_has_a_task_run_per_agent(prefect_server, tmp_path):

@@ -90,6 +90,7 @@ def test_a_folder_that_holds_a_run_is_refused(tmp_path):
     assert "already holds another run's record" in done.stderr
     assert (folder / "run.json").read_text() == record
     assert not (folder / "summary.json").exists()
+    assert not (folder / ".hydra").exists()  # refused before Hydra writes into it
 
 
 # --------------------------------------------------------------------------- point 9 (records)
@@ -114,7 +115,8 @@ def test_a_lone_surrogate_in_a_model_reply_is_recorded_as_a_replacement_characte
 # --------------------------------------------------------------------------- point 10
 
 
-def test_sigterm_ends_an_in_process_run_as_terminated_and_cleans_its_sandbox(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_ends_an_in_process_run_as_terminated_and_cleans_its_sandbox(tmp_path, signum):
     sandboxes = tmp_path / "sbx"
     with OpenAIServer(reply=SLEEPING_CELL) as server:
         proc = start_cli([*local_model(server), f"sandbox.root_dir={sandboxes}"], tmp_path)
@@ -122,10 +124,10 @@ def test_sigterm_ends_an_in_process_run_as_terminated_and_cleans_its_sandbox(tmp
         time.sleep(2)  # the cell is running
         mine = descendants(proc.pid)
         assert mine
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
-    assert "terminated" in err
+    assert f"terminated ({signal.Signals(signum).name})" in err
     folder = run_dir_of(tmp_path)
     run = json.loads((folder / "run.json").read_text())
     assert run["status"] == "terminated"
