@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.conftest import api, cli, run_scripted
+from tests.conftest import PROJECT, api, cli, run_scripted
 from tests.fixtures.todo_repo import git
 
 # modules per package: 96 modules + 12 __init__.py, "about 100 source files"; the big packages' findings are
@@ -113,3 +113,16 @@ def test_a_comparison_from_a_partial_audit_never_resolves(tmp_path):
     assert partial["resolved"] == [] and partial["not_compared"] == before[1:]
     complete = compare(before[:1], tmp_path, None)
     assert complete["resolved"] == before[1:] and complete["not_compared"] == []
+
+
+def test_the_nightly_schedule_runs_with_the_nightly_limits(monkeypatch):
+    """`serve schedule=nightly` composes each repo's run with limits=nightly (not limits=small)."""
+    import yaml
+
+    from rlm_pipelines.orchestration.serve import deployments_config
+    from rlm_pipelines.paths import conf_dir
+
+    monkeypatch.chdir(PROJECT)  # the schedule's repo is `.`: this checkout
+    _, plans = deployments_config(["schedule=nightly", "schedule.model_name=scripted"])
+    nightly = yaml.safe_load((conf_dir() / "limits" / "nightly.yaml").read_text())
+    assert plans and all({k: config["limits"][k] for k in nightly} == nightly for _, config in plans)

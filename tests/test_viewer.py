@@ -301,7 +301,7 @@ def hostile_run(run_dir):
         return {"id": p + suffix, "parent_id": p, "depth": depth, "kind": "agent", "task": p, "status": p,
                 "started_at": "2026-01-01T00:00:00Z", "ended_at": "2026-01-01T00:00:02Z", "duration_s": p,
                 "usage": {"own": usage, "total": usage}, "result": p, "result_truncated": p, "error": p,
-                "iterations": iterations, "children": children}
+                "iterations": iterations, "children": children, "refused": {"count": p, "reasons": {p: p}, "kept": p}}
 
     def iteration(index, children):
         return {"index": index, "prompt": p, "response": p, "reasoning": p, "code": p + "\nprint('x') # " + p,
@@ -312,7 +312,8 @@ def hostile_run(run_dir):
     child = agent("a1", p, [], [iteration(p, [])])
     root = agent("a0", 0, [child, call], [iteration(p, [p + "a1", p + "c1"]), iteration(1, [p])])
     run = {"schema": p, "id": p, "status": p, "task": p, "model": p, "model_name": p, "engine": p,
-           "started_at": p, "ended_at": p, "duration_s": p, "usage": usage, "result": p, "error": p, "root": root}
+           "started_at": p, "ended_at": p, "duration_s": p, "usage": usage, "result": p, "error": p, "root": root,
+           "partial": {"note": p, "refused": {p: p}}}
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps(run))
     (run_dir / "summary.json").write_text(json.dumps({k: p for k in ("task", "model", "status", "error", "engine",
@@ -345,5 +346,20 @@ def test_hostile_run_data_never_becomes_markup(browser, tmp_path):
     assert page.locator("img").count() == 1
     assert page.eval_on_selector("img.plot", "i => i.naturalWidth") == 1
     assert PAYLOAD in page.locator("#agent h2").first.text_content()  # shown as text, not lost
+    assert PAYLOAD in page.locator("#partial").text_content()
     assert page.locator(".badge.unknown").count() == 2  # an unknown status gets no class of its own choosing
+    assert errors == []
+
+
+def test_a_partial_run_says_why(browser, tmp_path):
+    """Issue 11, point 18: a run whose sub-agents were refused is `partial`, and the page says why."""
+    repo = build(tmp_path / "src")
+    summary = run(tmp_path / "run", "task=repo_todos", f"task.repo={repo['path']}", "limits.max_sandboxes=3")
+    assert summary["status"] == "partial"
+    page, errors = open_page(browser, f"file://{tmp_path / 'run'}/viewer/index.html")
+    assert page.locator("#partial").is_visible()
+    assert "sub-agents refused (limits.max_sandboxes reached)" in page.locator("#partial").text_content()
+    assert "partial" in page.locator("#stats").text_content()
+    assert page.locator(".badge.partial").count() == 0  # agents keep their own statuses
+    assert "1 sub-agents refused" in page.locator("#agent").text_content()  # the root: one package refused
     assert errors == []
