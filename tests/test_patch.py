@@ -33,7 +33,7 @@ SWAPPER = ("import os, stat, time\n"
            "    except OSError:\n"
            "        pass\n"
            "    time.sleep(0.001)\n")
-SWAP_FIFO = (f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {SWAPPER!r}], start_new_session=True)\n"
+SWAP_FIFO = (f"import subprocess\nsubprocess.Popen(['python3', '-c', {SWAPPER!r}], start_new_session=True)\n"
              "import os\nos.mkfifo('/workspace/repo/alpha/pipe')\n"
              "open('/workspace/repo/alpha/core.py', 'a').write('# changed\\n')\n")
 BIG_PATCH = ("import os\n"
