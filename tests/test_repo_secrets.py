@@ -65,8 +65,9 @@ def files_holding(folder, secret):
     return hits
 
 
-@pytest.mark.parametrize("prefect", [False, True], ids=["in-process", "prefect"])
-def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_path, request, prefect):
+@pytest.mark.parametrize("prefect,sweep", [(False, False), (True, False), (False, True)],
+                         ids=["in-process", "prefect", "sweep"])
+def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_path, request, prefect, sweep):
     repo, server = served
     cell = HUNT.format(parts=[TOKEN[:9], TOKEN[9:]])
     cache = tmp_path / "cache"
@@ -75,14 +76,15 @@ def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_p
         env.update(request.getfixturevalue("prefect_server")["env"])
     url = f"http://{USER}:{TOKEN}@127.0.0.1:{server.port}/repo.git"
     with OpenAIServer(reply=lambda request: f"```python\n{cell}```") as model:
-        done = subprocess.run([sys.executable, "-m", "rlm_pipelines", "task=repo_todos", f"task.repo={url}",
+        done = subprocess.run([sys.executable, "-m", "rlm_pipelines", *(["-m"] if sweep else []),
+                               "task=repo_todos", f"task.repo={url}",
                                "model=local", f"model.api_base={model.url}", "model.api_key_env=RLM_TEST_KEY",
                                f"orchestration.prefect={str(prefect).lower()}"], cwd=tmp_path, env=env,
                               capture_output=True,
                               text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert any(r["authorized"] for r in server.requests)  # the host's fetch sent the credential
-    run_dir = run_dir_of(tmp_path)
+    run_dir = run_dir_of(tmp_path) if not sweep else next((tmp_path / "outputs" / "sweeps").rglob("run.json")).parent
     tree = json.loads((run_dir / "run.json").read_text())
     assert tree["commit"] == repo["head"]  # the clone worked
     found = json.loads((run_dir / "result.json").read_text())
@@ -93,6 +95,7 @@ def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_p
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
     for secret in (TOKEN,):
         assert files_holding(run_dir, secret) == []  # run.json, data.js, summary, logs, .hydra/*.yaml
+        assert files_holding(tmp_path / "outputs", secret) == []  # a sweep's multirun.yaml and report too
         assert files_holding(cache, secret) == []  # the mirror cache
         assert secret not in done.stdout + done.stderr  # the console
     assert "***" in (run_dir / ".hydra" / "overrides.yaml").read_text()
