@@ -51,13 +51,18 @@ def _say(text: str) -> None:
 
 def _keep_credentials_out(cfg, run_dir: str) -> None:
     """A credential in task.repo goes no further than this process: the config loses it (the repo's fetch
-    gets it from `redact`), Hydra's copies of the command line and config are rewritten without it, and
-    log lines are masked."""
+    gets it from `redact`) and Hydra's copies of the command line and config are rewritten without it."""
     from pathlib import Path
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     redact.take_credentials(cfg)
-    redact.install_log_filter()
-    for path in sorted((Path(run_dir) / ".hydra").glob("*.yaml")):
+    hydra = HydraConfig.get()
+    files = [*(Path(run_dir) / ".hydra").glob("*.yaml")]
+    if hydra.mode == RunMode.MULTIRUN:  # the sweep folder's multirun.yaml lists every job's overrides
+        files.append(Path(hydra.sweep.dir) / "multirun.yaml")
+    for path in files:
         redact.redact_file(path)
 
 
@@ -120,6 +125,8 @@ def _figures(summary: dict) -> str:
 
 def main() -> None:
     apply_defaults()
+    redact.remember_arguments(sys.argv[1:])  # before Hydra logs or stores them
+    redact.install_log_redaction()
     import hydra
 
     from rlm_pipelines.config import register_configs

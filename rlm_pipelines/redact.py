@@ -4,7 +4,7 @@
 console: `take_credentials` swaps the URL for its clean form at the start of a run and keeps the credential
 in this process only; the host's git fetch gets it as an HTTP header passed through the environment
 (`git_auth_env`), never on a command line nor in a config file, so the mirror's config holds the clean URL.
-Every secret seen is also redacted from text (`text`, `data`, `redact_file`, `LogFilter`), and any
+Every secret seen is also redacted from text (`text`, `data`, `redact_file`, log records), and any
 `scheme://user:password@` in text is masked, as a net for what was never seen here.
 """
 
@@ -122,19 +122,32 @@ def redact_file(path: Path) -> None:
         path.write_text(after, encoding="utf-8")
 
 
-class LogFilter(logging.Filter):
-    """Masks secrets in log records (on handlers: log files and the console)."""
+def remember_arguments(argv: list[str]) -> None:
+    """Register the credentials of `task.repo=...` command-line overrides (a sweep's comma list too) before
+    Hydra reads them: its launcher logs every job's overrides."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "task.repo":
+            for url in value.split(","):
+                remember(url.strip().strip("'\""))
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = text(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
 
+def install_log_redaction() -> None:
+    """Mask secrets in every log record as it is made, whichever logger or handler (Hydra's included)."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
 
-def install_log_filter() -> None:
-    """Put a `LogFilter` on every handler of the root logger (idempotent)."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, LogFilter) for f in handler.filters):
-            handler.addFilter(LogFilter())
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if _secrets:
+            try:
+                message = record.getMessage()
+            except Exception:  # a bad format string: logging reports it later, as it would have
+                return record
+            cleaned = text(message)
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
+        return record
+    factory.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

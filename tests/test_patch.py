@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from rlm_pipelines.config import LocalSandboxConfig
-from rlm_pipelines.sandbox import DownloadTooLarge, SandboxError
+from rlm_pipelines.sandbox import DownloadTooLarge, SandboxError, make_sandbox
 from rlm_pipelines.sandbox.local import LocalSandbox
-from tests.conftest import run_dir_of
+from tests.conftest import daytona_config, run_dir_of
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import build
 
@@ -33,7 +33,7 @@ SWAPPER = ("import os, stat, time\n"
            "    except OSError:\n"
            "        pass\n"
            "    time.sleep(0.001)\n")
-SWAP_FIFO = (f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {SWAPPER!r}], start_new_session=True)\n"
+SWAP_FIFO = (f"import subprocess\nsubprocess.Popen(['python3', '-c', {SWAPPER!r}], start_new_session=True)\n"
              "import os\nos.mkfifo('/workspace/repo/alpha/pipe')\n"
              "open('/workspace/repo/alpha/core.py', 'a').write('# changed\\n')\n")
 BIG_PATCH = ("import os\n"
@@ -113,3 +113,13 @@ def test_download_takes_regular_files_only_and_caps_their_size(box):
     assert len(box.download("big", max_bytes=3_000_000)) == 3_000_000
     with pytest.raises(TimeoutError):
         box.download("big", deadline=0)
+
+
+def test_daytona_download_refuses_fifos_and_oversize_files(fake_daytona):
+    with make_sandbox(daytona_config(fake_daytona), name="download") as box:
+        box.run("mkfifo fifo && head -c 3000000 /dev/zero > big")
+        with pytest.raises(SandboxError):
+            box.download("fifo")  # asked for its type first: never fetched, so never blocks
+        with pytest.raises(DownloadTooLarge):
+            box.download("big", max_bytes=1 << 20)
+        assert len(box.download("big", max_bytes=3_000_000)) == 3_000_000

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rlm_pipelines.engines.checkout import CheckoutError, prepare_mirror
-from tests.conftest import run_dir_of
+from tests.conftest import api, run_dir_of
 from tests.fakes.git_http_server import GitHttpServer
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import build
@@ -65,20 +65,26 @@ def files_holding(folder, secret):
     return hits
 
 
-def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_path):
+@pytest.mark.parametrize("prefect,sweep", [(False, False), (True, False), (False, True)],
+                         ids=["in-process", "prefect", "sweep"])
+def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_path, request, prefect, sweep):
     repo, server = served
     cell = HUNT.format(parts=[TOKEN[:9], TOKEN[9:]])
     cache = tmp_path / "cache"
     env = {**os.environ, "RLM_TEST_KEY": "k", "RLM_CACHE_DIR": str(cache)}
+    if prefect:
+        env.update(request.getfixturevalue("prefect_server")["env"])
     url = f"http://{USER}:{TOKEN}@127.0.0.1:{server.port}/repo.git"
     with OpenAIServer(reply=lambda request: f"```python\n{cell}```") as model:
-        done = subprocess.run([sys.executable, "-m", "rlm_pipelines", "task=repo_todos", f"task.repo={url}",
+        done = subprocess.run([sys.executable, "-m", "rlm_pipelines", *(["-m"] if sweep else []),
+                               "task=repo_todos", f"task.repo={url}",
                                "model=local", f"model.api_base={model.url}", "model.api_key_env=RLM_TEST_KEY",
-                               "orchestration.prefect=false"], cwd=tmp_path, env=env, capture_output=True,
+                               f"orchestration.prefect={str(prefect).lower()}"], cwd=tmp_path, env=env,
+                              capture_output=True,
                               text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert any(r["authorized"] for r in server.requests)  # the host's fetch sent the credential
-    run_dir = run_dir_of(tmp_path)
+    run_dir = run_dir_of(tmp_path) if not sweep else next((tmp_path / "outputs" / "sweeps").rglob("run.json")).parent
     tree = json.loads((run_dir / "run.json").read_text())
     assert tree["commit"] == repo["head"]  # the clone worked
     found = json.loads((run_dir / "result.json").read_text())
@@ -89,9 +95,15 @@ def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_p
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
     for secret in (TOKEN,):
         assert files_holding(run_dir, secret) == []  # run.json, data.js, summary, logs, .hydra/*.yaml
+        assert files_holding(tmp_path / "outputs", secret) == []  # a sweep's multirun.yaml and report too
         assert files_holding(cache, secret) == []  # the mirror cache
         assert secret not in done.stdout + done.stderr  # the console
     assert "***" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    if prefect:  # the flow run's parameters, task runs, logs and artifacts in Prefect's database
+        url = request.getfixturevalue("prefect_server")["url"]
+        stored = json.dumps([api(url, f"/{kind}/filter") for kind in ("flow_runs", "task_runs", "logs", "artifacts")])
+        assert f"127.0.0.1:{server.port}/repo.git" in stored
+        assert not any(form.decode() in stored for form in forms(TOKEN))
 
 
 def test_a_repo_that_looks_like_an_option_is_given_to_git_as_a_url(tmp_path, monkeypatch):
