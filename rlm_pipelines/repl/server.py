@@ -54,6 +54,7 @@ SERVER_FILE = os.path.abspath(__file__)
 RESERVED = {"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"}
 SETTING = "sandbox.repl.max_message_mb"
 SLACK = 64 * 1024  # frame envelope (ids, keys) on top of the payload limit
+SELF_EXE = "/proc/self/exe"
 
 
 class _Stop(BaseException):
@@ -69,9 +70,11 @@ class ToolError(RuntimeError):
     """A host function called from sandbox code failed on the host."""
 
 
-def encode(message):
-    """One frame: ASCII JSON (lone surrogates become escapes, never an encoding error) and a newline."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=True, default=repr).encode("ascii") + b"\n"
+def encode(message, strict=False):
+    """One frame: ASCII JSON (lone surrogates become escapes, never an encoding error) and a newline.
+    Not `strict`: what JSON cannot hold goes as its repr."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=True,
+                      default=None if strict else repr).encode("ascii") + b"\n"
 
 
 def _prctl(option, value):
@@ -420,7 +423,7 @@ class Worker:
         self.main_ident = threading.get_ident()
         signal.signal(signal.SIGINT, self._on_sigint)
 
-    # -- messages from the host (reader thread)
+    # -- messages from the host, through the broker (reader thread)
 
     def read_loop(self):
         try:
@@ -441,7 +444,7 @@ class Worker:
                     self.commands.put(message)
         except Exception as exc:  # a broken channel: nobody is left to talk to
             sys.__stderr__.write("rlm repl server: channel failed: %r\n" % (exc,))
-        os._exit(0)  # host gone or shutdown: never outlive the session
+        os._exit(0)  # broker gone: never outlive the session
 
     def _on_sigint(self, signum, frame):
         if self.in_cell:
@@ -453,12 +456,11 @@ class Worker:
         call_id = next(self.call_ids)
         slot = [threading.Event(), None]
         try:
-            message = {"type": "call", "call_id": call_id, "name": name, "args": list(args), "kwargs": kwargs}
-            json.dumps(message)
+            data = encode({"type": "call", "call_id": call_id, "name": name, "args": list(args),
+                           "kwargs": kwargs}, strict=True)
         except (TypeError, ValueError) as exc:
             raise TypeError("%s(): arguments must be JSON-compatible (str, int, float, bool, list, dict, "
                             "None): %s" % (name, exc)) from None
-        data = encode(message)
         if len(data) > self.max_frame:  # refused here, never sent: the host would end the REPL for it
             raise ValueError("%s(): the arguments are %.1f MB, over the %g MB limit of one message (%s); pass "
                              "less per call (e.g. split the text)" % (name, len(data) / (1 << 20),
@@ -654,7 +656,8 @@ class Broker:
         # (/proc/self/exe works even where its path is not searchable by the sandbox uid); argv[0] stays
         # the path we were started as, so a venv is found the same way.
         self.worker = subprocess.Popen([sys.executable or "python3", "-I", SERVER_FILE, "--worker", *worker_args],
-                                       executable="/proc/self/exe", stdin=subprocess.PIPE,
+                                       executable=SELF_EXE if os.path.exists(SELF_EXE) else None,
+                                       stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, close_fds=True, bufsize=0)
         self.to_worker = self.worker.stdin.fileno()
         self.from_worker = StdioChannel(os.dup(self.worker.stdout.fileno()), None, max_frame + SLACK)
