@@ -151,8 +151,9 @@ def _raw_exec(code, *args):
     return frames, process
 
 
-@pytest.mark.parametrize("attack, reason", [(FORGE_ON_OWN_PIPES, "answered a command that was not asked"),
-                                            (OVERSIZE_ON_OWN_PIPES, "over the 1 MB limit (sandbox.repl.max_message_mb)")])
+@pytest.mark.parametrize("attack, reason", [
+    (FORGE_ON_OWN_PIPES, "answered a command that was not asked"),
+    (OVERSIZE_ON_OWN_PIPES, "over the 1 MB limit (sandbox.repl.max_message_mb)")])
 def test_the_server_tells_the_host_why_it_ended_the_repl(attack, reason):
     frames, process = _raw_exec(attack, "--max-frame-mb", "1")
     assert [f["type"] for f in frames] == ["hello", "exit"], frames

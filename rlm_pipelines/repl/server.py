@@ -15,9 +15,9 @@ Two processes, because cell code can read anything its own process holds (fds, a
   makes itself non-dumpable, so same-uid cell code can neither open /proc/<broker>/fd/*, read its memory
   or environ, nor ptrace it. It forks, first thing,
 - the WORKER, which runs cells and keeps nothing but a private pipe pair to the broker and fds 0-2: the
-  channel fds are closed before any cell runs, and the secret is read only after the fork. The broker checks every worker frame
-  (only `hello`, `call`, `result`; results only for commands it issued and has not seen answered, under
-  random ids it chose; fresh call ids; under --max-frame-mb). A violation kills the worker and tells the
+  channel fds are closed before any cell runs, and the secret is read only after the fork.
+The broker checks every worker frame (only `hello`, `call`, `result`; results only for commands it issued
+and has not seen answered, under random ids it chose; fresh call ids; under --max-frame-mb). A violation kills the worker and tells the
   host {"type": "exit", "reason": ...} before the broker exits: a frame cell code forges cannot pass as the
   host's, and one that breaks the rules ends that REPL instead of confusing the host.
 
@@ -650,7 +650,8 @@ class Broker:
         self.lock = threading.Lock()
         self.commands = {}  # random id given to the worker -> the host's id, while the command runs
         self.calls = {}  # our call id towards the host -> the worker's call id, while the call runs
-        self.worker_calls = set()  # call ids the worker has used (each only once)
+        # Call ids the worker has used, each only once: all below the floor, and those in the set.
+        self.worker_calls, self.calls_floor = set(), 1
         self.call_ids = itertools.count(1)
         self.ending = False
         self.write_lock = threading.Lock()
@@ -671,8 +672,8 @@ class Broker:
         except FrameTooLarge:
             self._violation("the REPL sent a message over the %g MB limit (%s)" % (self.max_frame / (1 << 20),
                                                                                   SETTING))
-        except ValueError as exc:
-            self._violation("the REPL sent a message that is not JSON: %s" % exc)
+        except (ValueError, TypeError) as exc:
+            self._violation("the REPL sent a message that is not JSON or not a protocol message: %s" % exc)
         except OSError as exc:  # the host's end is closed: nobody is left to talk to
             sys.stderr.write("rlm repl server: channel failed: %r\n" % (exc,))
             self._end(0)
@@ -697,9 +698,12 @@ class Broker:
             raise Violation("the REPL sent a message of type %r" % (kind,))
         worker_call = message.get("call_id")
         with self.lock:
-            if not isinstance(worker_call, (int, str)) or worker_call in self.worker_calls:
-                raise Violation("the REPL reused call id %r" % (worker_call,))
+            if type(worker_call) is not int or worker_call < self.calls_floor or worker_call in self.worker_calls:
+                raise Violation("the REPL reused call id %r (or it is not a positive integer)" % (worker_call,))
             self.worker_calls.add(worker_call)
+            while self.calls_floor in self.worker_calls:  # ids below the floor are all used: forget them
+                self.worker_calls.remove(self.calls_floor)
+                self.calls_floor += 1
             running = bool(self.commands)
             call_id = next(self.call_ids)
             if running:
