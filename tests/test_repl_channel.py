@@ -280,3 +280,43 @@ def test_idle_http_connections_hold_no_threads_and_the_host_still_gets_through(h
         for connection in idle:
             connection.close()
     assert Path(f"/proc/{process.pid}").exists()
+
+
+def test_no_host_call_goes_out_between_cells(tmp_path):
+    """A thread a cell leaves behind calls a host function after the cell ended: the host never sees it."""
+    to_server_r, to_server = os.pipe()
+    from_server, from_server_w = os.pipe()
+    process = subprocess.Popen([sys.executable, "-I", SERVER_FILE, "--fds", str(to_server_r), str(from_server_w)],
+                               pass_fds=(to_server_r, from_server_w), stdout=subprocess.DEVNULL,
+                               start_new_session=True)
+    os.close(to_server_r)
+    os.close(from_server_w)
+    stream = os.fdopen(from_server, "rb")
+    said = tmp_path / "said"
+
+    def command(message):
+        os.write(to_server, json.dumps(message).encode() + b"\n")
+        while True:
+            frame = json.loads(stream.readline())
+            assert frame["type"] in ("hello", "result"), frame  # never a call
+            if frame["type"] == "result":
+                return frame
+
+    try:
+        command({"type": "register", "id": 1, "tools": [{"name": "spy", "params": [], "doc": ""}]})
+        left = command({"type": "exec", "id": 2, "code": "import threading, time\n"
+                        "def later():\n    time.sleep(0.5)\n    try:\n        spy()\n"
+                        f"    except Exception as exc:\n        open({str(said)!r}, 'w').write(str(exc))\n"
+                        "threading.Thread(target=later).start()"})
+        assert left["error"] is None
+        for _ in range(600):  # until the thread has called (no cell is running meanwhile)
+            if said.exists() and said.read_text():
+                break
+            time.sleep(0.1)
+        assert "host functions can only be called while a cell runs" in said.read_text()
+        assert command({"type": "exec", "id": 3, "code": "spy"})["error"] is None  # the REPL goes on
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait()
+        stream.close()
+        os.close(to_server)
