@@ -320,3 +320,38 @@ def test_no_host_call_goes_out_between_cells(tmp_path):
         process.wait()
         stream.close()
         os.close(to_server)
+
+
+def test_a_host_function_returning_a_lone_surrogate_does_not_break_the_server():
+    to_server_r, to_server = os.pipe()
+    from_server, from_server_w = os.pipe()
+    process = subprocess.Popen([sys.executable, "-I", SERVER_FILE, "--fds", str(to_server_r), str(from_server_w)],
+                               pass_fds=(to_server_r, from_server_w), stdout=subprocess.DEVNULL,
+                               start_new_session=True)
+    os.close(to_server_r)
+    os.close(from_server_w)
+    try:
+        with os.fdopen(from_server, "rb") as stream:
+            def send(message):
+                os.write(to_server, json.dumps(message).encode() + b"\n")  # ASCII: \ud800 as an escape
+
+            def frame(kind):
+                message = json.loads(stream.readline())
+                while message["type"] == "hello":
+                    message = json.loads(stream.readline())
+                assert message["type"] == kind, message
+                return message
+
+            send({"type": "register", "id": 1, "tools": [{"name": "spy", "params": [], "doc": ""}], "final": True})
+            frame("result")
+            send({"type": "exec", "id": 2, "code": "value = spy()\nprint(value)\nFINAL(value)"})
+            send({"type": "reply", "call_id": frame("call")["call_id"], "value": "\ud800!"})
+            result = frame("result")
+            assert result["final"] == {"kind": "final", "value": "\ud800!"}
+            assert result["stdout"] == "\\ud800!\n"
+            send({"type": "exec", "id": 3, "code": "6 * 7"})
+            assert frame("result")["value"] == "42"
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait()
+        os.close(to_server)
