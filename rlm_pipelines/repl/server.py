@@ -914,12 +914,11 @@ def start_worker(output_limit, max_frame):
         os.close(worker_out)
         return pid, to_worker, from_worker
     try:
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) > 2 and int(name) not in (worker_in, worker_out):
-                try:
-                    os.close(int(name))
-                except OSError:  # the listing's own fd
-                    pass
+        low = 3
+        for keep in sorted((worker_in, worker_out)):  # every fd but 0-2 and the pair: the host's channel too
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))
         sys.argv = [SERVER_FILE]
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the broker gone (killed): so is the worker
         if os.getppid() != broker:
