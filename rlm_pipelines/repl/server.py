@@ -13,11 +13,11 @@ surrogate travels as an escape and never breaks the writer) on a channel of its 
 Two processes, because cell code can read anything its own process holds (fds, argv, memory):
 - the BROKER (started by the host) holds the host channel (the fds, or the listener and the secret). It
   makes itself non-dumpable, so same-uid cell code can neither open /proc/<broker>/fd/*, read its memory
-  or environ, nor ptrace it. It starts
-- the WORKER (`--worker`, the same file), which runs cells, with nothing but a private pipe pair on its
-  stdin/stdout: no channel fd, fd number or secret ever reaches it. The broker checks every worker frame
-  (only `hello`, `call`, `result`; results only for commands it issued and has not seen answered, under
-  random ids it chose; fresh call ids; under --max-frame-mb). A violation kills the worker and tells the
+  or environ, nor ptrace it. It forks, first thing,
+- the WORKER, which runs cells and keeps nothing but a private pipe pair to the broker and fds 0-2: the
+  channel fds are closed before any cell runs, and the secret is read only after the fork.
+The broker checks every worker frame (only `hello`, `call`, `result`; results only for commands it issued
+and has not seen answered, under random ids it chose; fresh call ids; under --max-frame-mb). A violation kills the worker and tells the
   host {"type": "exit", "reason": ...} before the broker exits: a frame cell code forges cannot pass as the
   host's, and one that breaks the rules ends that REPL instead of confusing the host.
 
@@ -43,7 +43,6 @@ import os
 import queue
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -69,9 +68,11 @@ class ToolError(RuntimeError):
     """A host function called from sandbox code failed on the host."""
 
 
-def encode(message):
-    """One frame: ASCII JSON (lone surrogates become escapes, never an encoding error) and a newline."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=True, default=repr).encode("ascii") + b"\n"
+def encode(message, strict=False):
+    """One frame: ASCII JSON (lone surrogates become escapes, never an encoding error) and a newline.
+    Not `strict`: what JSON cannot hold goes as its repr."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=True,
+                      default=None if strict else repr).encode("ascii") + b"\n"
 
 
 def _prctl(option, value):
@@ -420,7 +421,7 @@ class Worker:
         self.main_ident = threading.get_ident()
         signal.signal(signal.SIGINT, self._on_sigint)
 
-    # -- messages from the host (reader thread)
+    # -- messages from the host, through the broker (reader thread)
 
     def read_loop(self):
         try:
@@ -441,7 +442,7 @@ class Worker:
                     self.commands.put(message)
         except Exception as exc:  # a broken channel: nobody is left to talk to
             sys.__stderr__.write("rlm repl server: channel failed: %r\n" % (exc,))
-        os._exit(0)  # host gone or shutdown: never outlive the session
+        os._exit(0)  # broker gone: never outlive the session
 
     def _on_sigint(self, signum, frame):
         if self.in_cell:
@@ -453,12 +454,11 @@ class Worker:
         call_id = next(self.call_ids)
         slot = [threading.Event(), None]
         try:
-            message = {"type": "call", "call_id": call_id, "name": name, "args": list(args), "kwargs": kwargs}
-            json.dumps(message)
+            data = encode({"type": "call", "call_id": call_id, "name": name, "args": list(args),
+                           "kwargs": kwargs}, strict=True)
         except (TypeError, ValueError) as exc:
             raise TypeError("%s(): arguments must be JSON-compatible (str, int, float, bool, list, dict, "
                             "None): %s" % (name, exc)) from None
-        data = encode(message)
         if len(data) > self.max_frame:  # refused here, never sent: the host would end the REPL for it
             raise ValueError("%s(): the arguments are %.1f MB, over the %g MB limit of one message (%s); pass "
                              "less per call (e.g. split the text)" % (name, len(data) / (1 << 20),
@@ -641,24 +641,19 @@ class Violation(Exception):
 class Broker:
     """Holds the host channel; runs cells in a worker process that never sees it, and checks its frames."""
 
-    def __init__(self, channel, worker_args, max_frame):
+    def __init__(self, channel, worker, to_worker, from_worker, max_frame):
+        """`worker`: its pid; `to_worker`, `from_worker`: our ends of its pipe pair."""
         self.channel, self.max_frame = channel, max_frame
+        self.worker, self.to_worker = worker, to_worker
+        self.from_worker = StdioChannel(from_worker, None, max_frame + SLACK)
+        self.worker_read = threading.Event()  # the worker's pipe is at its end
         self.lock = threading.Lock()
         self.commands = {}  # random id given to the worker -> the host's id, while the command runs
         self.calls = {}  # our call id towards the host -> the worker's call id, while the call runs
-        self.worker_calls = set()  # call ids the worker has used (each only once)
+        # Call ids the worker has used, each only once: all below the floor, and those in the set.
+        self.worker_calls, self.calls_floor = set(), 1
         self.call_ids = itertools.count(1)
         self.ending = False
-        # The worker gets the sandbox's environment and a private pipe pair as stdin/stdout; close_fds keeps
-        # every other fd (the host's pipes, the listener) out of it. The interpreter is our own running one
-        # (/proc/self/exe works even where its path is not searchable by the sandbox uid); argv[0] stays
-        # the path we were started as, so a venv is found the same way.
-        self.worker = subprocess.Popen([sys.executable or "python3", "-I", SERVER_FILE, "--worker", *worker_args],
-                                       executable="/proc/self/exe", stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, close_fds=True, bufsize=0)
-        self.to_worker = self.worker.stdin.fileno()
-        self.from_worker = StdioChannel(os.dup(self.worker.stdout.fileno()), None, max_frame + SLACK)
-        self.worker.stdout.close()
         self.write_lock = threading.Lock()
 
     def serve(self):
@@ -677,13 +672,13 @@ class Broker:
         except FrameTooLarge:
             self._violation("the REPL sent a message over the %g MB limit (%s)" % (self.max_frame / (1 << 20),
                                                                                   SETTING))
-        except ValueError as exc:
-            self._violation("the REPL sent a message that is not JSON: %s" % exc)
+        except (ValueError, TypeError) as exc:
+            self._violation("the REPL sent a message that is not JSON or not a protocol message: %s" % exc)
         except OSError as exc:  # the host's end is closed: nobody is left to talk to
             sys.stderr.write("rlm repl server: channel failed: %r\n" % (exc,))
             self._end(0)
-        self._wait_worker()  # the pipe is closed: the worker is gone or going (or left it to a child)
-        threading.Event().wait()  # whoever saw the worker exit ends the process
+        self.worker_read.set()  # the worker is gone or going (or left its pipe to a child)
+        threading.Event().wait()  # _wait_worker ends the process
 
     # -- worker -> host
 
@@ -703,9 +698,12 @@ class Broker:
             raise Violation("the REPL sent a message of type %r" % (kind,))
         worker_call = message.get("call_id")
         with self.lock:
-            if not isinstance(worker_call, (int, str)) or worker_call in self.worker_calls:
-                raise Violation("the REPL reused call id %r" % (worker_call,))
+            if type(worker_call) is not int or worker_call < self.calls_floor or worker_call in self.worker_calls:
+                raise Violation("the REPL reused call id %r (or it is not a positive integer)" % (worker_call,))
             self.worker_calls.add(worker_call)
+            while self.calls_floor in self.worker_calls:  # ids below the floor are all used: forget them
+                self.worker_calls.remove(self.calls_floor)
+                self.calls_floor += 1
             running = bool(self.commands)
             call_id = next(self.call_ids)
             if running:
@@ -762,7 +760,7 @@ class Broker:
     def _violation(self, reason):
         with self.lock:
             self.ending = True
-        self.worker.kill()
+        _kill(self.worker)
         sys.stderr.write("rlm repl server: protocol violation, REPL stopped: %s\n" % reason)
         sys.stderr.flush()
         try:
@@ -778,13 +776,14 @@ class Broker:
     def _end(self, code):
         with self.lock:
             self.ending = True
-        self.worker.kill()
-        self.worker.wait()
+        _kill(self.worker)
         os._exit(code)
 
     def _wait_worker(self):
-        """When the worker exits (a cell called os._exit, a crash, a kill), end the same way."""
-        code = self.worker.wait()
+        """When the worker exits (a cell called os._exit, a crash, a kill), end the same way, once what it
+        wrote before is passed on."""
+        code = os.waitstatus_to_exitcode(os.waitpid(self.worker, 0)[1])
+        self.worker_read.wait(timeout=2)
         with self.lock:
             if self.ending:
                 return
@@ -797,6 +796,13 @@ class Broker:
             os.kill(os.getpid(), -code)
             time.sleep(1)
         os._exit(code if code >= 0 else 128 - code)
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- helpers
@@ -868,8 +874,6 @@ def main(argv=None):
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--fds", nargs=2, type=int, metavar=("IN", "OUT"))
     how.add_argument("--http", type=int, metavar="PORT")
-    how.add_argument("--worker", action="store_true", help="internal: the process that runs cells (started "
-                     "by the server itself, speaking to it on stdin/stdout)")
     parser.add_argument("--secret-file", help="with --http: file holding the session secret (deleted once read, "
                         "so it is not on the command line for sandbox code to read)")
     parser.add_argument("--idle-exit", type=float, default=300.0, help="with --http: exit when the host is "
@@ -879,11 +883,11 @@ def main(argv=None):
                         "(%s)" % SETTING)
     args = parser.parse_args(argv)
     max_frame = int(args.max_frame_mb * (1 << 20))
-    if args.worker:
-        return run_worker(args.output_limit, max_frame)
     if args.http is not None and not args.secret_file:
         parser.error("--http needs --secret-file")
-    if not _prctl(PR_SET_DUMPABLE, 0):  # before anything secret is read or any channel fd is used
+    worker, to_worker, from_worker = start_worker(args.output_limit, max_frame)
+    # From here on this process is the broker; no cell code has run yet.
+    if not _prctl(PR_SET_DUMPABLE, 0):  # before the secret is read or the channel used
         sys.stderr.write("rlm repl server: warning: cannot make the server non-dumpable (no prctl)\n")
     if args.http is not None:
         with open(args.secret_file) as handle:
@@ -892,15 +896,42 @@ def main(argv=None):
         channel = HttpChannel(args.http, secret, max_frame + SLACK, args.idle_exit)
     else:
         channel = StdioChannel(*args.fds)
-    worker_args = ["--output-limit", str(args.output_limit), "--max-frame-mb", repr(args.max_frame_mb)]
-    Broker(channel, worker_args, max_frame).serve()
+    Broker(channel, worker, to_worker, from_worker, max_frame).serve()
 
 
-def run_worker(output_limit, max_frame):
-    """The worker: its channel is the broker's pipe pair on stdin/stdout, moved to fds of its own (not
-    inherited by what cells start) before fds 0-2 are taken over for the cell."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the broker gone (killed): so is the worker
-    channel = StdioChannel(os.dup(0), os.dup(1))
+def start_worker(output_limit, max_frame):
+    """Fork the worker: (pid, our end towards it, our end from it).
+
+    Forked before anything secret is read and before any thread starts (a fork copies memory, not
+    threads), it keeps only its private pipe pair and fds 0-2: the host's channel fds are closed before
+    any cell code can run. Forking spares a second interpreter start."""
+    worker_in, to_worker = os.pipe()
+    from_worker, worker_out = os.pipe()
+    broker = os.getpid()
+    pid = os.fork()
+    if pid:
+        os.close(worker_in)
+        os.close(worker_out)
+        return pid, to_worker, from_worker
+    try:
+        low = 3
+        for keep in sorted((worker_in, worker_out)):  # every fd but 0-2 and the pair: the host's channel too
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))
+        sys.argv = [SERVER_FILE]
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the broker gone (killed): so is the worker
+        if os.getppid() != broker:
+            os._exit(1)
+        run_worker(worker_in, worker_out, output_limit, max_frame)
+    except BaseException:
+        traceback.print_exc()
+    os._exit(1)
+
+
+def run_worker(fd_in, fd_out, output_limit, max_frame):
+    """The worker: its channel is the broker's pipe pair; fds 0-2 are then taken over for the cell."""
+    channel = StdioChannel(fd_in, fd_out)
     sys.stdout.reconfigure(errors="backslashreplace", line_buffering=True)  # print and os.system stay in order
     sys.stderr.reconfigure(errors="backslashreplace")
     Worker(channel, output_limit, max_frame).serve()
