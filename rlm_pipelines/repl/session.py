@@ -15,6 +15,11 @@ Timeouts: at `cell_timeout_s` the cell is interrupted (KeyboardInterrupt inside,
 not stopped `kill_grace_s` later the server is killed. The state is then lost, and the session says so: the
 killed cell's result explains it, and the next cell runs in a fresh server with the registered tools and the
 injected inputs restored and a notice at the top of its output.
+
+Bounds (`max_message_mb`): no frame from the server is held past the limit; a server that sends a longer
+or undecodable one, or announces its exit, is stopped and handled like a dead one (the reason in the cell's
+error). Host-call arguments and host results over the limit are answered with an error naming the setting,
+and the calls held at once (queued or running) are bounded, so no server can grow the host without end.
 """
 
 from __future__ import annotations
