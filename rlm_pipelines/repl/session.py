@@ -137,11 +137,18 @@ class _Connection:
                 future.set_exception(ReplDied(f"the REPL process exited ({self.transport.exit_info()})"))
                 return future
             self.waiting[message["id"]] = future
+        self.send(message)
+        return future
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send, or end this connection with the reason: a failed send is a dead (or broken) server."""
         try:
             self.transport.send(message)
+        except ProtocolViolation as exc:  # e.g. an oversize answer to a post
+            self.transport.kill()
+            self._fail(ReplDied(f"the REPL server broke the protocol ({exc}), so it was stopped"))
         except OSError as exc:  # the server is gone (broken pipe, unreachable): same as a dead process
             self._fail(ReplDied(f"the REPL server cannot be reached ({exc}; {self.transport.exit_info()})"))
-        return future
 
     def kill(self) -> None:
         self.transport.kill()
@@ -320,7 +327,7 @@ class ReplSession:
                     raise
 
     def _stop_overdue(self, conn: _Connection, cell_id: int, future: Future, timeout: float) -> CellResult:
-        conn.transport.send({"type": "interrupt", "id": cell_id})
+        conn.send({"type": "interrupt", "id": cell_id})
         grace = self.config.kill_grace_s
         try:
             result = CellResult.from_message(future.result(timeout=grace))
@@ -344,7 +351,7 @@ class ReplSession:
     def interrupt(self) -> None:
         """Interrupt whatever cell is running (e.g. on Ctrl-C or a global timeout)."""
         if not self._conn.dead:
-            self._conn.transport.send({"type": "interrupt"})
+            self._conn.send({"type": "interrupt"})
 
     # -- calls from sandbox code
 
@@ -364,7 +371,7 @@ class ReplSession:
             except RuntimeError:  # pool shut down: the session is closing
                 self._release(call_id)
         elif refusal:
-            self._send(conn, {"type": "reply", "call_id": call_id, "error": refusal})
+            conn.send({"type": "reply", "call_id": call_id, "error": refusal})
 
     def _admit(self, call_id: int, message: dict[str, Any]) -> Optional[str]:
         """None when the call may run; else why not ("" when it must not be answered at all: a second
@@ -411,14 +418,7 @@ class ReplSession:
                 self._inflight -= 1
             self._release(call_id)
         if not conn.dead:
-            self._send(conn, reply)
-
-    @staticmethod
-    def _send(conn: _Connection, reply: dict[str, Any]) -> None:
-        try:
-            conn.transport.send(reply)
-        except Exception as exc:  # the server is gone; its cell gets the REPL's death instead
-            log.debug("a reply to the REPL was not delivered: %r", exc)
+            conn.send(reply)
 
 
 HELD_PER_WORKER = 4  # host calls queued or running, per host worker, before more are refused
