@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from rlm_pipelines.config import ReplConfig
+from rlm_pipelines.repl.session import ReplSession
+from tests.fakes.repl_host import stdio_spawn
+
 PROJECT = Path(__file__).resolve().parent.parent
 SETTING = "sandbox.repl.max_message_mb"
 PEAK_MB = 300
@@ -101,3 +105,10 @@ def test_in_a_real_sandbox_a_huge_llm_query_and_a_lone_surrogate():
     assert surrogate["stdout"] == "'a\\ufffdb'\n" and surrogate["error"] is None
     assert inputs["stdout"] == "'a\\ufffdb' '\\ufffdx' 70001\n"  # inputs: in the message and as a file
     assert peak < PEAK_MB, f"host peak RSS {peak} MB"
+
+
+def test_cell_code_over_the_limit_is_refused_before_it_is_sent():
+    with ReplSession(stdio_spawn(1), ReplConfig(max_message_mb=1)) as session:
+        result = session.execute("echo:" + "x" * (2 << 20))
+        assert result.error.type == "ValueError" and SETTING in result.error.message
+        assert session.execute("ok").stdout == "REAL" and session.alive

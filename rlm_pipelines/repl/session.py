@@ -287,7 +287,7 @@ class ReplSession:
         `timeout_s` bounds the cell's own work: while the cell waits on a host call (a sub-agent, say) its
         limit is extended. `deadline` (time.monotonic()) is absolute and never extended: the run's end."""
         timeout = self.config.cell_timeout_s if timeout_s is None else timeout_s
-        size = len(code.encode("utf-8", "replace"))
+        size = len(json.dumps(code))  # as it travels: ASCII JSON
         if size > self._max_bytes:  # the server would refuse the frame, and the REPL with it
             return CellResult(error=CellError("ValueError", too_large("this cell's code", size,
                                                                       self.config.max_message_mb)))
