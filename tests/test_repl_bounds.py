@@ -107,6 +107,15 @@ def test_in_a_real_sandbox_a_huge_llm_query_and_a_lone_surrogate():
     assert peak < PEAK_MB, f"host peak RSS {peak} MB"
 
 
+def test_a_server_that_stops_reading_cannot_hang_the_host():
+    """A 1 MB reply to a server that never reads its channel again: the send gives up (after 2 s here),
+    the REPL is stopped and the next cell runs in a fresh one (before: the cell's interrupt waited behind
+    the blocked reply for ever)."""
+    (deaf, after), _ = host("stdio", 8, "deaf", "ok")
+    assert "read nothing of its channel" in deaf["error"]
+    assert after["stdout"] == "REAL" and "The REPL was restarted" in after["notice"]
+
+
 def test_cell_code_over_the_limit_is_refused_before_it_is_sent():
     with ReplSession(stdio_spawn(1), ReplConfig(max_message_mb=1)) as session:
         result = session.execute("echo:" + "x" * (2 << 20))

@@ -37,6 +37,7 @@ def tools(limit_mb: int) -> dict:
     return {
         "echo": lambda text: len(text),
         "big": lambda: "y" * (limit_mb * (1 << 20) + 10),
+        "one_mb": lambda: "y" * (1 << 20),
         "surr": lambda: "a\ud800b",
         "slow": lambda: time.sleep(0.5) or 1,
         "llm_query": lambda prompt: f"{len(prompt)} characters",
@@ -47,7 +48,7 @@ def stdio_spawn(limit_mb: int):
     def start(args: list[str], fds: tuple[int, int]) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(HOSTILE), "--max-frame-mb", str(limit_mb), *args],
                                 pass_fds=fds, start_new_session=True, stderr=subprocess.DEVNULL)
-    return lambda: StdioTransport(start, [])
+    return lambda: StdioTransport(start, [], stall_s=2)
 
 
 class LocalProcess:
