@@ -36,7 +36,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from rlm_pipelines.config import ReplConfig
-from rlm_pipelines.repl.protocol import SETTING, CellError, CellResult, ProtocolViolation, frame_limit, too_large
+from rlm_pipelines.repl.protocol import CellError, CellResult, ProtocolViolation, frame_limit, too_large
 from rlm_pipelines.text import clip, safe_data, safe_text
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ class _Connection:
         try:
             error = self._dispatch()
         except ProtocolViolation as exc:
-            error = ReplDied(f"the REPL server broke the protocol ({exc}; the limit is "
-                             f"set by {SETTING}), so it was stopped")
+            error = ReplDied(f"the REPL server broke the protocol ({exc}), so it was stopped")
         except Exception as exc:  # a garbled channel is as fatal as a dead process
             log.warning("REPL channel failed: %r", exc)
             error = ReplDied(f"the REPL channel failed ({type(exc).__name__}: {exc}), so the REPL was stopped")

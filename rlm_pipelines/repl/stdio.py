@@ -15,7 +15,7 @@ import subprocess
 import threading
 from typing import Any, Callable, Iterator, Optional
 
-from rlm_pipelines.repl.protocol import ProtocolViolation, decode, encode
+from rlm_pipelines.repl.protocol import SETTING, ProtocolViolation, decode, encode
 
 CHUNK = 64 * 1024
 STALL_S = 30.0  # a server that reads nothing of a pending frame this long is taken for hung
@@ -71,7 +71,8 @@ class StdioTransport:
                     end = chunk.find(b"\n", start)
                     frame += chunk[start:] if end < 0 else chunk[start:end]
                     if len(frame) > max_bytes:
-                        raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB")
+                        raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB, the limit "
+                                                f"set by {SETTING}")
                     if end < 0:
                         break
                     if frame and not frame.isspace():
