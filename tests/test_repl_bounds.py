@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from rlm_pipelines.config import ReplConfig
+from rlm_pipelines.repl.session import ReplSession
+from tests.fakes.repl_host import stdio_spawn
+
 PROJECT = Path(__file__).resolve().parent.parent
 SETTING = "sandbox.repl.max_message_mb"
 PEAK_MB = 300
@@ -54,6 +58,13 @@ def test_lone_surrogates_from_the_sandbox_arrive_as_replacement_characters():
     assert cell["final"] == {"kind": "final", "value": "\ufffd"}
 
 
+@pytest.mark.parametrize("mode", ["stdio", "http"])
+def test_text_sent_to_the_sandbox_cannot_fail_on_lone_surrogates(mode):
+    """Cell code and inputs holding lone surrogates are sent (as U+FFFD) over both transports."""
+    (cell,), _ = host(mode, 8, "py:'echo:\\ud800'")
+    assert cell["stdout"] == "echo:\ufffd" and cell["error"] is None
+
+
 def test_an_exit_message_ends_the_repl_with_its_reason():
     (died, after), _ = host("stdio", 8, "die", "ok")
     assert died["error"].startswith("ReplDied: the REPL server stopped: the cell's result is 9 MB")
@@ -84,10 +95,29 @@ def test_host_calls_held_at_once_are_bounded():
 def test_in_a_real_sandbox_a_huge_llm_query_and_a_lone_surrogate():
     """Real bubblewrap, the real REPL server: llm_query('x' * 400_000_000) gives the cell an error naming
     the setting (refused in the sandbox, or the frame refused by the host and the REPL restarted) with the
-    host's memory bounded; a host function returning a lone surrogate gives the cell U+FFFD at once."""
-    (attacked, after, surrogate), peak = host(
-        "bwrap", 8, "x = llm_query('x' * 400_000_000)", "print('alive')", "print(ascii(surr()))")
+    host's memory bounded; a host function returning a lone surrogate gives the cell U+FFFD at once, and so
+    do inputs holding one."""
+    (attacked, after, surrogate, inputs), peak = host(
+        "bwrap", 8, "x = llm_query('x' * 400_000_000)", "print('alive')", "print(ascii(surr()))",
+        "print(ascii(doc), ascii(large[:2]), len(large))")
     assert SETTING in attacked["output"]
     assert after["stdout"] == "alive\n"
     assert surrogate["stdout"] == "'a\\ufffdb'\n" and surrogate["error"] is None
+    assert inputs["stdout"] == "'a\\ufffdb' '\\ufffdx' 70001\n"  # inputs: in the message and as a file
     assert peak < PEAK_MB, f"host peak RSS {peak} MB"
+
+
+def test_a_server_that_stops_reading_cannot_hang_the_host():
+    """A 1 MB reply to a server that never reads its channel again: the send gives up (after 2 s here),
+    the REPL is stopped and the next cell runs in a fresh one (before: the cell's interrupt waited behind
+    the blocked reply for ever)."""
+    (deaf, after), _ = host("stdio", 8, "deaf", "ok")
+    assert "read nothing of its channel" in deaf["error"]
+    assert after["stdout"] == "REAL" and "The REPL was restarted" in after["notice"]
+
+
+def test_cell_code_over_the_limit_is_refused_before_it_is_sent():
+    with ReplSession(stdio_spawn(1), ReplConfig(max_message_mb=1)) as session:
+        result = session.execute("echo:" + "x" * (2 << 20))
+        assert result.error.type == "ValueError" and SETTING in result.error.message
+        assert session.execute("ok").stdout == "REAL" and session.alive

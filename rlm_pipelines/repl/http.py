@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional, Protocol
 
 import httpx
 
-from rlm_pipelines.repl.protocol import ProtocolViolation, check, encode
+from rlm_pipelines.repl.protocol import SETTING, ProtocolViolation, check, encode
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +164,16 @@ def _read_capped(response: httpx.Response, cap: int, cut: bool = False) -> bytes
     the first `cap` bytes: for error pages, which are only shown)."""
     length = response.headers.get("Content-Length", "")
     if not cut and length.isdigit() and int(length) > cap:
-        raise ProtocolViolation(f"it answered with a body of {int(length) / 2**20:.1f} MB, over "
-                                f"{cap / 2**20:.1f} MB")
+        raise ProtocolViolation(f"it answered with a body of {int(length) / 2**20:.1f} MB, over its limit of "
+                                f"{cap / 2**20:.1f} MB (which follows {SETTING})")
     body = bytearray()
     for chunk in response.iter_bytes(64 * 1024):
         body += chunk
         if len(body) > cap:
             if cut:
                 return bytes(body[:cap])
-            raise ProtocolViolation(f"it answered with a body of more than {cap / 2**20:.1f} MB")
+            raise ProtocolViolation(f"it answered with a body of more than {cap / 2**20:.1f} MB, its limit "
+                                    f"(which follows {SETTING})")
     return bytes(body)
 
 
@@ -186,5 +187,6 @@ def _events(body: bytes, max_bytes: int) -> list[tuple[int, dict[str, Any]]]:
     if len(body) > max_bytes:  # only then can one of them be over the limit
         for _, message in pairs:
             if len(json.dumps(message)) > max_bytes:
-                raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB")
+                raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB, the limit "
+                                        f"set by {SETTING}")
     return [(number, check(message)) for number, message in pairs]

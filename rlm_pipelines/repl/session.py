@@ -15,6 +15,11 @@ Timeouts: at `cell_timeout_s` the cell is interrupted (KeyboardInterrupt inside,
 not stopped `kill_grace_s` later the server is killed. The state is then lost, and the session says so: the
 killed cell's result explains it, and the next cell runs in a fresh server with the registered tools and the
 injected inputs restored and a notice at the top of its output.
+
+Bounds (`max_message_mb`): no frame from the server is held past the limit; a server that sends a longer
+or undecodable one, or announces its exit, is stopped and handled like a dead one (the reason in the cell's
+error). Host-call arguments and host results over the limit are answered with an error naming the setting,
+and the calls held at once (queued or running) are bounded, so no server can grow the host without end.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from rlm_pipelines.config import ReplConfig
-from rlm_pipelines.repl.protocol import SETTING, CellError, CellResult, ProtocolViolation, frame_limit, too_large
+from rlm_pipelines.repl.protocol import CellError, CellResult, ProtocolViolation, frame_limit, too_large
 from rlm_pipelines.text import clip, safe_data, safe_text
 
 log = logging.getLogger(__name__)
@@ -86,8 +91,7 @@ class _Connection:
         try:
             error = self._dispatch()
         except ProtocolViolation as exc:
-            error = ReplDied(f"the REPL server broke the protocol ({exc}; the limit is "
-                             f"set by {SETTING}), so it was stopped")
+            error = ReplDied(f"the REPL server broke the protocol ({exc}), so it was stopped")
         except Exception as exc:  # a garbled channel is as fatal as a dead process
             log.warning("REPL channel failed: %r", exc)
             error = ReplDied(f"the REPL channel failed ({type(exc).__name__}: {exc}), so the REPL was stopped")
@@ -132,11 +136,18 @@ class _Connection:
                 future.set_exception(ReplDied(f"the REPL process exited ({self.transport.exit_info()})"))
                 return future
             self.waiting[message["id"]] = future
+        self.send(message)
+        return future
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send, or end this connection with the reason: a failed send is a dead (or broken) server."""
         try:
             self.transport.send(message)
+        except ProtocolViolation as exc:  # e.g. an oversize answer to a post
+            self.transport.kill()
+            self._fail(ReplDied(f"the REPL server broke the protocol ({exc}), so it was stopped"))
         except OSError as exc:  # the server is gone (broken pipe, unreachable): same as a dead process
             self._fail(ReplDied(f"the REPL server cannot be reached ({exc}; {self.transport.exit_info()})"))
-        return future
 
     def kill(self) -> None:
         self.transport.kill()
@@ -275,7 +286,7 @@ class ReplSession:
         `timeout_s` bounds the cell's own work: while the cell waits on a host call (a sub-agent, say) its
         limit is extended. `deadline` (time.monotonic()) is absolute and never extended: the run's end."""
         timeout = self.config.cell_timeout_s if timeout_s is None else timeout_s
-        size = len(code.encode("utf-8", "replace"))
+        size = len(json.dumps(code))  # as it travels: ASCII JSON
         if size > self._max_bytes:  # the server would refuse the frame, and the REPL with it
             return CellResult(error=CellError("ValueError", too_large("this cell's code", size,
                                                                       self.config.max_message_mb)))
@@ -315,7 +326,7 @@ class ReplSession:
                     raise
 
     def _stop_overdue(self, conn: _Connection, cell_id: int, future: Future, timeout: float) -> CellResult:
-        conn.transport.send({"type": "interrupt", "id": cell_id})
+        conn.send({"type": "interrupt", "id": cell_id})
         grace = self.config.kill_grace_s
         try:
             result = CellResult.from_message(future.result(timeout=grace))
@@ -339,7 +350,7 @@ class ReplSession:
     def interrupt(self) -> None:
         """Interrupt whatever cell is running (e.g. on Ctrl-C or a global timeout)."""
         if not self._conn.dead:
-            self._conn.transport.send({"type": "interrupt"})
+            self._conn.send({"type": "interrupt"})
 
     # -- calls from sandbox code
 
@@ -359,7 +370,7 @@ class ReplSession:
             except RuntimeError:  # pool shut down: the session is closing
                 self._release(call_id)
         elif refusal:
-            self._send(conn, {"type": "reply", "call_id": call_id, "error": refusal})
+            conn.send({"type": "reply", "call_id": call_id, "error": refusal})
 
     def _admit(self, call_id: int, message: dict[str, Any]) -> Optional[str]:
         """None when the call may run; else why not ("" when it must not be answered at all: a second
@@ -406,14 +417,7 @@ class ReplSession:
                 self._inflight -= 1
             self._release(call_id)
         if not conn.dead:
-            self._send(conn, reply)
-
-    @staticmethod
-    def _send(conn: _Connection, reply: dict[str, Any]) -> None:
-        try:
-            conn.transport.send(reply)
-        except Exception as exc:  # the server is gone; its cell gets the REPL's death instead
-            log.debug("a reply to the REPL was not delivered: %r", exc)
+            conn.send(reply)
 
 
 HELD_PER_WORKER = 4  # host calls queued or running, per host worker, before more are refused

@@ -9,24 +9,27 @@ costs the host at most one frame's worth of memory.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
 from typing import Any, Callable, Iterator, Optional
 
-from rlm_pipelines.repl.protocol import ProtocolViolation, decode, encode
+from rlm_pipelines.repl.protocol import SETTING, ProtocolViolation, decode, encode
 
 CHUNK = 64 * 1024
+STALL_S = 30.0  # a server that reads nothing of a pending frame this long is taken for hung
 
 
 class StdioTransport:
     def __init__(self, start: Callable[[list[str], tuple[int, int]], subprocess.Popen], server_args: list[str],
-                 kill: Optional[Callable[[subprocess.Popen], None]] = None):
+                 kill: Optional[Callable[[subprocess.Popen], None]] = None, stall_s: float = STALL_S):
         """`start(extra_args, pass_fds)` launches the server (inside its sandbox) with the server's own
         arguments appended; it must pass the two fds through. `kill(process)` stops it for good; the
-        default kills its process group."""
-        self._kill = kill or _kill_group
+        default kills its process group. A send fails when the server reads nothing for `stall_s`."""
+        self._kill, self._stall_s = kill or _kill_group, stall_s
         to_server_r, self._to_server = os.pipe()
+        os.set_blocking(self._to_server, False)
         self._from_server, from_server_w = os.pipe()
         try:
             self.process = start(server_args + ["--fds", str(to_server_r), str(from_server_w)],
@@ -39,12 +42,21 @@ class StdioTransport:
         self._killed = False
 
     def send(self, message: dict[str, Any]) -> None:
+        """Write one frame. A server that stops reading (hung, or hostile) makes this fail after `stall_s`
+        instead of holding the write lock, and every later send (an interrupt, say), for ever."""
         data = memoryview(encode(message))
         with self._write_lock:
             if self._killed:
                 raise BrokenPipeError("the REPL server was stopped")
+            waiter = select.poll()
+            waiter.register(self._to_server, select.POLLOUT)
             while data:
-                data = data[os.write(self._to_server, data):]
+                try:
+                    data = data[os.write(self._to_server, data):]
+                except BlockingIOError:
+                    if not waiter.poll(self._stall_s * 1000):
+                        raise BrokenPipeError(f"the REPL server read nothing of its channel for "
+                                              f"{self._stall_s:g} s") from None
 
     def messages(self, max_bytes: int) -> Iterator[dict[str, Any]]:
         """Messages until the server closes its end; ProtocolViolation for a line over `max_bytes`."""
@@ -59,7 +71,8 @@ class StdioTransport:
                     end = chunk.find(b"\n", start)
                     frame += chunk[start:] if end < 0 else chunk[start:end]
                     if len(frame) > max_bytes:
-                        raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB")
+                        raise ProtocolViolation(f"it sent a message of more than {max_bytes / 2**20:.1f} MB, the limit "
+                                                f"set by {SETTING}")
                     if end < 0:
                         break
                     if frame and not frame.isspace():

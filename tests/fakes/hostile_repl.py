@@ -14,6 +14,8 @@ Cells (the code is the attack's name; anything else is answered honestly with st
     die            {"type": "exit", "reason": ...}, then exit
     calls          host calls the host must refuse or sanitize (see `calls`); stdout: the replies as JSON
     flood          100 calls to `slow` at once; stdout: how many got a value and the first error
+    deaf           asks for a 1 MB result (`one_mb`) and never reads its channel again
+    echo:...       honest: stdout is the code itself, as it arrived
 Over HTTP only long-line is hostile: the poll that follows the cell answers with an endless body.
 """
 
@@ -106,6 +108,11 @@ def attack(channel, message, limit_mb):
         result(channel, cell_id, json.dumps(calls(channel, limit_mb)))
     elif code == "flood":
         result(channel, cell_id, json.dumps(flood(channel)))
+    elif code == "deaf":
+        channel.send({"type": "call", "call_id": 1, "name": "one_mb", "args": [], "kwargs": {}})
+        threading.Event().wait(600)
+    elif code.startswith("echo:"):
+        result(channel, cell_id, code)
     else:
         result(channel, cell_id)
 

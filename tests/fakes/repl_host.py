@@ -3,6 +3,10 @@ a `ReplSession` and prints what each gave plus the process's peak RSS, as JSON o
 
     python -m tests.fakes.repl_host stdio|http|bwrap|readline MAX_MESSAGE_MB CELL [CELL ...]
 
+A CELL starting with `py:` is a Python string literal (for code a command line cannot carry, e.g. a lone
+surrogate). The session gets inputs holding lone surrogates: `doc` (small, sent in the message) and `large`
+(over 64 KB, sent as a file where the sandbox can stage one).
+
 stdio / http: the REAL transports (`StdioTransport` over a subprocess, `HttpTransport` over a local HTTP
 server) to `hostile_repl.py`; bwrap: a real bubblewrap `LocalSandbox` and its own REPL server; readline:
 no session at all, the unbounded reading the host did before frames were bounded (a plain `readline` and
@@ -11,6 +15,7 @@ no session at all, the unbounded reading the host did before frames were bounded
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import resource
@@ -32,6 +37,7 @@ def tools(limit_mb: int) -> dict:
     return {
         "echo": lambda text: len(text),
         "big": lambda: "y" * (limit_mb * (1 << 20) + 10),
+        "one_mb": lambda: "y" * (1 << 20),
         "surr": lambda: "a\ud800b",
         "slow": lambda: time.sleep(0.5) or 1,
         "llm_query": lambda prompt: f"{len(prompt)} characters",
@@ -42,7 +48,7 @@ def stdio_spawn(limit_mb: int):
     def start(args: list[str], fds: tuple[int, int]) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(HOSTILE), "--max-frame-mb", str(limit_mb), *args],
                                 pass_fds=fds, start_new_session=True, stderr=subprocess.DEVNULL)
-    return lambda: StdioTransport(start, [])
+    return lambda: StdioTransport(start, [], stall_s=2)
 
 
 class LocalProcess:
@@ -78,7 +84,10 @@ def run_session(session: ReplSession, limit_mb: int, cells: list[str]) -> list[d
     out = []
     with session:
         session.register(tools(limit_mb))
+        session.set_vars({"doc": "a\ud800b"})
+        session.set_vars({"large": "\ud800" + "x" * 70_000})
         for code in cells:
+            code = ast.literal_eval(code[3:]) if code.startswith("py:") else code
             result = session.execute(code)
             out.append({"stdout": result.stdout, "output": result.output(), "final": result.final,
                         "error": str(result.error) if result.error else None, "notice": result.notice})
