@@ -165,15 +165,15 @@ def _read_capped(response: httpx.Response, cap: int, cut: bool = False) -> bytes
     length = response.headers.get("Content-Length", "")
     if not cut and length.isdigit() and int(length) > cap:
         raise ProtocolViolation(f"it answered with a body of {int(length) / 2**20:.1f} MB, over its limit of "
-                                f"{cap / 2**20:.1f} MB (which follows {SETTING})")
+                                f"{cap / 2**20:.1f} MB, which follows {SETTING}")
     body = bytearray()
     for chunk in response.iter_bytes(64 * 1024):
         body += chunk
         if len(body) > cap:
             if cut:
                 return bytes(body[:cap])
-            raise ProtocolViolation(f"it answered with a body of more than {cap / 2**20:.1f} MB, its limit "
-                                    f"(which follows {SETTING})")
+            raise ProtocolViolation(f"it answered with a body of more than {cap / 2**20:.1f} MB, its limit, "
+                                    f"which follows {SETTING}")
     return bytes(body)
 
 
