@@ -167,7 +167,8 @@ def _record_partial(run: Run, partial: dict[str, Any]) -> None:
 
 
 def partial_note(partial: dict[str, Any]) -> str:
-    """Why a run is `partial`, in one line for the console and the Prefect artifact."""
+    """Why a run is `partial`, in one line: run.json's `partial.note`, which the console, the viewer, the
+    Prefect artifact and the sweep report show."""
     parts = []
     for reason, n in (partial.get("refused") or {}).items():
         parts.append(f"{n:,} sub-agents refused (limits.{reason} reached)")

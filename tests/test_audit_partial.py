@@ -107,7 +107,8 @@ def test_a_comparison_from_a_partial_audit_never_resolves(tmp_path):
     """compare() itself: findings a partial audit did not see are not_compared; a complete one resolves."""
     from rlm_tasks.repo_audit import compare
 
-    before = [{"file": "a.py", "kind": "todo", "evidence": "# TODO a"}, {"file": "b.py", "kind": "eval", "evidence": "eval(x)"}]
+    before = [{"file": "a.py", "kind": "todo", "evidence": "# TODO a"},
+              {"file": "b.py", "kind": "eval", "evidence": "eval(x)"}]
     (tmp_path / "result.json").write_text(json.dumps({"findings": before}))
     partial = compare(before[:1], tmp_path, {"refused": {"max_sandboxes": 3}})
     assert partial["resolved"] == [] and partial["not_compared"] == before[1:]

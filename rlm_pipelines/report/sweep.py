@@ -39,9 +39,15 @@ def _jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return jobs
 
 
+def _why_partial(job: dict[str, Any]) -> Any:
+    """A `partial` job has no error: its summary's `partial.note` says what was refused or cut."""
+    partial = job.get("partial")
+    return partial.get("note") if isinstance(partial, dict) else None
+
+
 def write_sweep_report(sweep_dir: Path) -> dict[str, Any]:
     jobs = _jobs(sweep_dir)
-    failed = [{"job": j["job"], "label": j["label"], "status": j["status"], "error": j.get("error")}
+    failed = [{"job": j["job"], "label": j["label"], "status": j["status"], "error": j.get("error") or _why_partial(j)}
               for j in jobs if j["status"] != "ok"]
     report = {"sweep_dir": str(sweep_dir), "jobs": jobs, "failed": failed}
     (sweep_dir / "sweep.json").write_text(json.dumps(report, ensure_ascii=False, indent=1))

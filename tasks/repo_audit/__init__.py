@@ -102,7 +102,8 @@ def previous_audit(run_dir: Path, params: RepoAuditParams) -> Optional[Path]:
             run = json.loads((folder / "run.json").read_text())
         except (OSError, ValueError):
             continue
-        if summary.get("status") == "ok" and not run.get("partial") and run.get("repo") == params.repo and run.get("branch") == params.branch:
+        complete = summary.get("status") == "ok" and not run.get("partial")
+        if complete and run.get("repo") == params.repo and run.get("branch") == params.branch:
             candidates.append((run.get("started_at", ""), folder))
     return max(candidates)[1] if candidates else None
 
