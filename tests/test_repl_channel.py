@@ -282,6 +282,40 @@ def test_idle_http_connections_hold_no_threads_and_the_host_still_gets_through(h
     assert Path(f"/proc/{process.pid}").exists()
 
 
+def _post(port, secret, seq, message):
+    body = json.dumps({"seq": seq, "message": message}).encode()
+    head = (f"POST /messages HTTP/1.1\r\nHost: x\r\nX-Rlm-Secret: {secret}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+        connection.sendall(head.encode() + body)
+        assert connection.recv(65536).split(b" ", 2)[1] == b"200"
+
+
+def test_many_large_frames_queued_at_once_go_out_over_several_polls(http_server):
+    """Eight concurrent host calls of 0.9 MB each (frame limit 1 MB) wait unanswered: no poll answer is
+    larger than the host reads (4 frames), and every call arrives."""
+    _, port, secret = http_server
+    _post(port, secret, 1, {"type": "register", "id": 1, "tools": [{"name": "echo", "params": ["text"], "doc": ""}]})
+    _post(port, secret, 2, {"type": "exec", "id": 2, "code": "import threading\n"
+                            "for _ in range(8):\n    threading.Thread(target=echo, args=('x' * 900_000,)).start()"})
+    calls, after, polls = 0, 0, 0
+    while calls < 8 and polls < 40:
+        head = (f"GET /events?after={after}&wait=5 HTTP/1.1\r\nHost: x\r\nX-Rlm-Secret: {secret}\r\n"
+                "Connection: close\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+            connection.sendall(head.encode())
+            data = b""
+            while chunk := connection.recv(1 << 20):
+                data += chunk
+        body = data.partition(b"\r\n\r\n")[2]
+        assert len(body) <= 4 * ((1 << 20) + 64 * 1024), len(body)
+        events = json.loads(body)["events"]
+        calls += sum(message["type"] == "call" for _, message in events)
+        after, polls = (events[-1][0] if events else after), polls + 1
+        time.sleep(0.3)  # let the calls queue up
+    assert calls == 8
+
+
 def test_no_host_call_goes_out_between_cells(tmp_path):
     """A thread a cell leaves behind calls a host function after the cell ended: the host never sees it."""
     to_server_r, to_server = os.pipe()

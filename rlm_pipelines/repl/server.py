@@ -204,6 +204,7 @@ class StdioChannel:
 
 
 HEAD_LIMIT = 64 * 1024  # request line + headers
+POLL_FRAMES = 4  # the host reads a poll answer of at most this many full-size frames (repl/http.py)
 HEAD_TIMEOUT = 30.0  # to send a request's head, on a new or an idle kept-alive connection
 MAX_CONNECTIONS = 64  # open at once; at the limit the oldest never-authenticated one is dropped
 
@@ -230,7 +231,7 @@ class HttpChannel:
         self.asyncio = asyncio
         self.secret, self.max_body, self.idle_exit = secret.encode(), max_body, idle_exit
         self.inbox = queue.Queue()
-        self.outbox = []  # [(n, message)], n increasing
+        self.outbox = []  # [(n, message, encoded size)], n increasing
         self.sent = self.delivered = 0
         self.seen = set()
         self.lock = threading.Lock()
@@ -260,10 +261,10 @@ class HttpChannel:
     # -- the transport, for the broker (any thread)
 
     def send(self, message):
-        encode(message)  # fails here, in the sender, if it cannot be encoded
+        size = len(encode(message))  # fails here, in the sender, if it cannot be encoded
         with self.lock:
             self.sent += 1
-            self.outbox.append((self.sent, message))
+            self.outbox.append((self.sent, message, size))
         self.loop.call_soon_threadsafe(self._wake)
 
     def flush(self, timeout=5.0):
@@ -368,7 +369,7 @@ class HttpChannel:
             changed = self.changed
             with self.lock:
                 self.outbox = [item for item in self.outbox if item[0] > after]  # the host has the rest
-                events = [list(item) for item in self.outbox]
+                events = self._batch()
                 if events:
                     self.delivered = max(self.delivered, events[-1][0])
             left = end - self.loop.time()
@@ -378,6 +379,18 @@ class HttpChannel:
                 await self.asyncio.wait_for(changed.wait(), left)
             except self.asyncio.TimeoutError:
                 pass
+
+
+    def _batch(self):
+        """The oldest unacknowledged events that fit in one poll answer: the host reads at most POLL_FRAMES
+        full-size frames per poll, so many large frames queued at once go out over several polls."""
+        events, room = [], (POLL_FRAMES - 1) * self.max_body
+        for number, message, size in self.outbox:
+            if events and size + 16 > room:
+                break
+            events.append([number, message])
+            room -= size + 16
+        return events
 
 
 def _parse_head(head):
