@@ -297,7 +297,9 @@ def test_many_large_frames_queued_at_once_go_out_over_several_polls(http_server)
     _, port, secret = http_server
     _post(port, secret, 1, {"type": "register", "id": 1, "tools": [{"name": "echo", "params": ["text"], "doc": ""}]})
     _post(port, secret, 2, {"type": "exec", "id": 2, "code": "import threading\n"
-                            "for _ in range(8):\n    threading.Thread(target=echo, args=('x' * 900_000,)).start()"})
+                            "threads = [threading.Thread(target=echo, args=('x' * 900_000,)) for _ in range(8)]\n"
+                            "for thread in threads:\n    thread.start()\n"
+                            "for thread in threads:\n    thread.join()"})  # the cell runs until answered
     calls, after, polls = 0, 0, 0
     while calls < 8 and polls < 40:
         head = (f"GET /events?after={after}&wait=5 HTTP/1.1\r\nHost: x\r\nX-Rlm-Secret: {secret}\r\n"
