@@ -207,7 +207,7 @@ def test_after_sigkill_the_next_run_marks_the_record_crashed_and_cleanup_removes
             run = json.loads((dead / "run.json").read_text())
             assert run["status"] == "crashed", run["status"]
             summary = json.loads((dead / "summary.json").read_text())
-            assert (summary["status"], summary["agents"], summary["run_id"]) == ("crashed", 1, run["id"])
+            assert (summary["status"], summary["run_id"]) == ("crashed", run["id"])
             cleaned = subprocess.run([sys.executable, "-m", "rlm_pipelines.sandbox", "cleanup", "--local",
                                       "--root", str(sandboxes)], capture_output=True, text=True, timeout=120)
             assert cleaned.returncode == 0, cleaned.stderr
