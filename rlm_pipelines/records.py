@@ -181,5 +181,18 @@ def _record_crash(path: Path, run: dict[str, Any]) -> None:
     if not summary.exists():
         write_json(summary, {"run_id": run.get("id"), "task": run.get("task"), "engine": run.get("engine"),
                              "model": run.get("model"), "model_name": run.get("model_name"), "status": "crashed",
-                             "error": error, **(run.get("usage") or {}), "wall_time_s": run.get("duration_s"), "run_dir": str(path.parent),
+                             "error": error, **(run.get("usage") or {}), **_counts(run.get("root")), "wall_time_s": run.get("duration_s"), "run_dir": str(path.parent),
                              "files": ["run.json", "summary.json"]})
+
+
+def _counts(root: Optional[dict[str, Any]]) -> dict[str, int]:
+    """Iterations and agents in a saved tree, for the summary of a run that could not write its own."""
+    counts = {"iterations": 0, "agents": 0}
+    todo = [root] if isinstance(root, dict) else []
+    while todo:
+        node = todo.pop()
+        if node.get("kind") == "agent":
+            counts["agents"] += 1
+            counts["iterations"] += len(node.get("iterations") or [])
+        todo.extend(child for child in node.get("children") or [] if isinstance(child, dict))
+    return counts

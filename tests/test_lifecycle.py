@@ -206,7 +206,8 @@ def test_after_sigkill_the_next_run_marks_the_record_crashed_and_cleanup_removes
             wait_for(lambda: len(sandbox_folders(sandboxes)) == 2, "the second run's sandbox", live)
             run = json.loads((dead / "run.json").read_text())
             assert run["status"] == "crashed", run["status"]
-            assert json.loads((dead / "summary.json").read_text())["status"] == "crashed"
+            summary = json.loads((dead / "summary.json").read_text())
+            assert (summary["status"], summary["run_id"]) == ("crashed", run["id"])
             cleaned = subprocess.run([sys.executable, "-m", "rlm_pipelines.sandbox", "cleanup", "--local",
                                       "--root", str(sandboxes)], capture_output=True, text=True, timeout=120)
             assert cleaned.returncode == 0, cleaned.stderr
