@@ -21,8 +21,7 @@ from rlm_pipelines.models import Usage, UsageLedger
 from rlm_pipelines.models.scripted import serve_task_script
 from rlm_pipelines.paths import run_folder
 from rlm_pipelines.progress import ConsoleProgress
-from rlm_pipelines.records import write_json
-from rlm_pipelines.record import fit
+from rlm_pipelines.records import fit, write_json
 from rlm_pipelines.tasks import Task, discover, resolve
 from rlm_pipelines.tree import RunTree
 

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlm_pipelines.models.usage import Usage
-from rlm_pipelines.records import process_identity, write_atomic
-from rlm_pipelines.record import fit
+from rlm_pipelines.records import fit, process_identity, write_atomic
 from rlm_pipelines.text import clip
 
 SCHEMA = "rlm-pipelines/run@1"

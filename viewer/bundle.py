@@ -2,7 +2,7 @@
 as a script, so `viewer/index.html` opens straight from disk (file://), no server needed.
 
 data.js stays under the run's `limits.max_record_mb` like run.json: the patch is read head and tail only,
-and the whole is fitted (`record.fit`) when the run, summary and patch together would exceed it."""
+and the whole is fitted (`records.fit`) when the run, summary and patch together would exceed it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rlm_pipelines.record import fit
+from rlm_pipelines.records import fit
 
 APP = Path(__file__).resolve().parent
 APP_FILES = ("index.html", "app.js", "style.css")

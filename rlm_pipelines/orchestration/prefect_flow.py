@@ -6,7 +6,6 @@ on transient infrastructure errors only. Artifacts: a summary table and the link
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, task
