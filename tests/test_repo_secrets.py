@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rlm_pipelines.engines.checkout import CheckoutError, prepare_mirror
-from tests.conftest import api, run_dir_of
+from tests.conftest import api, daytona_overrides, run_dir_of
 from tests.fakes.git_http_server import GitHttpServer
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import build
@@ -32,11 +32,13 @@ HUNT = ("import os, json, subprocess\n"
         "                    found.append(path)\n"
         "            except OSError:\n"
         "                pass\n"
-        "remotes = subprocess.run(['git', 'remote', '-v'], cwd='/workspace/repo', capture_output=True, text=True).stdout\n"
-        "mirror_url = subprocess.run(['git', 'config', 'remote.origin.url'], cwd='/mirror', capture_output=True,\n"
+        "remotes = subprocess.run(['git', 'remote', '-v'], cwd='/workspace/repo', capture_output=True,\n"
+        "                         text=True).stdout\n"
+        "mirror_url = subprocess.run(['git', '-C', '/mirror', 'config', 'remote.origin.url'], capture_output=True,\n"
         "                            text=True).stdout\n"
         "print('REMOTES', remotes, 'MIRROR', mirror_url)\n"
-        "FINAL({{'files': found, 'env': token in json.dumps(dict(os.environ)), 'remotes': token in remotes + mirror_url,\n"
+        "FINAL({{'files': found, 'env': token in json.dumps(dict(os.environ)),\n"
+        "       'remotes': token in remotes + mirror_url,\n"
         "        'mirror_url': mirror_url.strip(), 'head': open('/workspace/repo/alpha/core.py').read()[:40]}})\n")
 
 
@@ -65,33 +67,41 @@ def files_holding(folder, secret):
     return hits
 
 
-@pytest.mark.parametrize("prefect,sweep", [(False, False), (True, False), (False, True)],
-                         ids=["in-process", "prefect", "sweep"])
-def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_path, request, prefect, sweep):
+@pytest.mark.parametrize("mode", ["in-process", "prefect", "sweep", "daytona"])
+def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_path, request, mode):
     repo, server = served
     cell = HUNT.format(parts=[TOKEN[:9], TOKEN[9:]])
     cache = tmp_path / "cache"
     env = {**os.environ, "RLM_TEST_KEY": "k", "RLM_CACHE_DIR": str(cache)}
-    if prefect:
+    extra = [f"orchestration.prefect={str(mode == 'prefect').lower()}"]
+    if mode == "prefect":
         env.update(request.getfixturevalue("prefect_server")["env"])
+    if mode == "daytona":  # a cloud sandbox cannot see the mirror: it gets it uploaded, never the URL
+        fake = request.getfixturevalue("fake_daytona")
+        calls = len(fake.calls)
+        extra += daytona_overrides(fake)
+        env = {**os.environ, **env}  # the fake's API key variable, set by its fixture
     url = f"http://{USER}:{TOKEN}@127.0.0.1:{server.port}/repo.git"
     with OpenAIServer(reply=lambda request: f"```python\n{cell}```") as model:
-        done = subprocess.run([sys.executable, "-m", "rlm_pipelines", *(["-m"] if sweep else []),
-                               "task=repo_todos", f"task.repo={url}",
-                               "model=local", f"model.api_base={model.url}", "model.api_key_env=RLM_TEST_KEY",
-                               f"orchestration.prefect={str(prefect).lower()}"], cwd=tmp_path, env=env,
-                              capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run([sys.executable, "-m", "rlm_pipelines", *(["-m"] if mode == "sweep" else []),
+                               "task=repo_todos", f"task.repo={url}", "model=local", f"model.api_base={model.url}",
+                               "model.api_key_env=RLM_TEST_KEY", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert any(r["authorized"] for r in server.requests)  # the host's fetch sent the credential
-    run_dir = run_dir_of(tmp_path) if not sweep else next((tmp_path / "outputs" / "sweeps").rglob("run.json")).parent
+    sweeps = tmp_path / "outputs" / "sweeps"
+    run_dir = next(sweeps.rglob("run.json")).parent if mode == "sweep" else run_dir_of(tmp_path)
     tree = json.loads((run_dir / "run.json").read_text())
     assert tree["commit"] == repo["head"]  # the clone worked
     found = json.loads((run_dir / "result.json").read_text())
     assert found["files"] == [] and found["env"] is False and found["remotes"] is False, found
-    assert found["mirror_url"] == f"http://127.0.0.1:{server.port}/repo.git"  # the clean URL
     assert "def add" in found["head"]
-    assert tree["repo"] == found["mirror_url"] == tree["config"]["task"]["repo"]
+    assert tree["repo"] == f"http://127.0.0.1:{server.port}/repo.git" == tree["config"]["task"]["repo"]
+    if mode == "daytona":
+        assert not any("git/clone" in path for _, path in fake.calls[calls:])
+        assert any("bulk-upload" in path for _, path in fake.calls[calls:])
+    else:
+        assert found["mirror_url"] == tree["repo"]  # the mirror's config holds the clean URL
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
     for secret in (TOKEN,):
         assert files_holding(run_dir, secret) == []  # run.json, data.js, summary, logs, .hydra/*.yaml
@@ -99,7 +109,7 @@ def test_a_token_in_task_repo_clones_and_is_kept_out_of_everything(served, tmp_p
         assert files_holding(cache, secret) == []  # the mirror cache
         assert secret not in done.stdout + done.stderr  # the console
     assert "***" in (run_dir / ".hydra" / "overrides.yaml").read_text()
-    if prefect:  # the flow run's parameters, task runs, logs and artifacts in Prefect's database
+    if mode == "prefect":  # the flow run's parameters, task runs, logs and artifacts in Prefect's database
         url = request.getfixturevalue("prefect_server")["url"]
         stored = json.dumps([api(url, f"/{kind}/filter") for kind in ("flow_runs", "task_runs", "logs", "artifacts")])
         assert f"127.0.0.1:{server.port}/repo.git" in stored

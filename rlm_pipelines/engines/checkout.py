@@ -155,14 +155,18 @@ def host_patch(mirror: Path, work_tree: Path, commit: str, max_bytes: int, deadl
     checkout's own .git says is never read. `DownloadTooLarge` over `max_bytes`, `TimeoutError` at `deadline`."""
     with tempfile.TemporaryDirectory(prefix="rlm-patch-", dir=parent) as tmp:
         git_dir = Path(tmp) / "git"
-        env = {"GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(work_tree), "GIT_INDEX_FILE": str(Path(tmp) / "index"),
-               "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_OPTIONAL_LOCKS": "0"}
-        _git("init", "--quiet", "--bare", str(git_dir), cwd=Path(tmp))
-        (git_dir / "objects" / "info" / "alternates").write_text(f"{mirror / 'objects'}\n")
-        for args in (("read-tree", commit), ("add", "-A", ".")):
-            done = _git(*SAFE_GIT, *args, cwd=work_tree, env=env, timeout=max(1.0, deadline - time.monotonic()))
+        own = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_OPTIONAL_LOCKS": "0"}
+        env = {**own, "GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(work_tree),
+               "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        steps = ((Path(tmp), own, ("init", "--quiet", "--bare", "--template=", str(git_dir))),
+                 (work_tree, env, ("read-tree", commit)), (work_tree, env, ("add", "-A", ".")))
+        for cwd, step_env, args in steps:
+            done = _git(*SAFE_GIT, *args, cwd=cwd, env=step_env, timeout=max(1.0, deadline - time.monotonic()))
             if done.returncode != 0:
                 raise CheckoutError(f"could not make the patch: {done.stderr.decode(errors='replace').strip()[-500:]}")
+            if args[0] == "init":
+                (git_dir / "objects" / "info").mkdir(parents=True, exist_ok=True)
+                (git_dir / "objects" / "info" / "alternates").write_text(f"{mirror / 'objects'}\n")
         diff = ("diff", "--cached", "--binary", "--no-ext-diff", "--no-textconv", "--no-color", commit, "--")
         return _bounded_output(["git", *SAFE_GIT, *diff], work_tree, env, max_bytes, deadline)
 
@@ -188,6 +192,10 @@ def _bounded_output(argv: list[str], cwd: Path, env: dict[str, str], max_bytes: 
                     raise DownloadTooLarge("the patch", max_bytes)
                 chunks.append(chunk)
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError("making the patch ran past the run's deadline") from exc
         except BaseException:
             proc.kill()
             proc.wait()

@@ -355,8 +355,9 @@ class Agent:
                 work = self.sandbox.host_view(REPO_DIR)
                 return checkout.host_patch(run.mirror, work, run.commit, cap, run.deadline,
                                            run.cfg.sandbox.root_dir or None), None
+            left = max(1.0, min(120.0, run.deadline - time.monotonic()))
             code, out = self.sandbox.run(f"cd {REPO_DIR} && git add -A && git diff --cached --binary {run.commit} "
-                                         f"> /tmp/rlm.patch", timeout=max(1.0, min(120.0, run.deadline - time.monotonic())))
+                                         f"> /tmp/rlm.patch", timeout=left)
             if code != 0:
                 raise RuntimeError(f"could not make the patch: {out.strip()[-500:]}")
             return self.sandbox.download("/tmp/rlm.patch", max_bytes=cap, deadline=run.deadline), None

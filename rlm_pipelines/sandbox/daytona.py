@@ -33,7 +33,8 @@ from rlm_pipelines.config import DaytonaOptions, DaytonaSandboxConfig
 from rlm_pipelines.repl.http import HttpTransport
 from rlm_pipelines.repl import SERVER_PATH
 from rlm_pipelines.repl.session import ReplSession
-from rlm_pipelines.sandbox.base import BaseSandbox, DownloadTooLarge, SandboxConfigError, SandboxError, SandboxStartError
+from rlm_pipelines.sandbox.base import (BaseSandbox, DownloadTooLarge, SandboxConfigError, SandboxError,
+                                        SandboxStartError)
 
 log = logging.getLogger(__name__)
 
