@@ -25,24 +25,6 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _safe_logs() -> None:
-    """Log lines carry model and sandbox text: a lone surrogate in one must not break the log handler."""
-    import logging
-
-    from rlm_pipelines.text import safe_text
-
-    class SafeText(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            try:
-                record.msg, record.args = safe_text(record.getMessage()), None
-            except Exception:  # noqa: BLE001 - a malformed record is the handler's to report
-                pass
-            return True
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(SafeText())
-
-
 def _say(text: str) -> None:
     from rlm_pipelines.text import safe_text
 
@@ -77,7 +59,6 @@ def _app(cfg) -> int:
     from rlm_pipelines.records import FolderTaken, disk_full, mark_crashed
 
     _quiet_libraries()
-    _safe_logs()
     run_dir = HydraConfig.get().runtime.output_dir
     _keep_credentials_out(cfg, run_dir)
     check_run(cfg)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from rlm_pipelines.text import safe_text
+
 MASK = "***"
 USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@:\"']+:[^\s/@\"']+@")
 MIN_SECRET = 4  # shorter parts are not redacted on their own (they would mangle every record)
@@ -133,21 +135,21 @@ def remember_arguments(argv: list[str]) -> None:
 
 
 def install_log_redaction() -> None:
-    """Mask secrets in every log record as it is made, whichever logger or handler (Hydra's included)."""
+    """Mask secrets in every log record as it is made, whichever logger or handler (Hydra's included); lone
+    surrogates (model or sandbox text) become U+FFFD there too, so no handler fails to write a line."""
     make = logging.getLogRecordFactory()
     if getattr(make, "redacts", False):
         return
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        if _secrets:
-            try:
-                message = record.getMessage()
-            except Exception:  # a bad format string: logging reports it later, as it would have
-                return record
-            cleaned = text(message)
-            if cleaned != message:
-                record.msg, record.args = cleaned, None
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: logging reports it later, as it would have
+            return record
+        cleaned = safe_text(text(message))
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
         return record
     factory.redacts = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
