@@ -8,10 +8,10 @@ import time
 from tests.conftest import cli, run_dir_of
 from tests.fakes.openai_server import OpenAIServer
 
-# A bound on how long a run with a 20 s deadline may take (the deadline, then the interrupt's grace and the
-# final records; generous, for a loaded machine); each attack would run for 90 s or more without it.
-WALL_TIME_S = 20
-CUT_BY_S = 50
+# A bound on how long a run with a 30 s deadline may take (the deadline, then the interrupt's grace and the
+# final records; generous, for a loaded machine); each attack would run for 120 s or more without it.
+WALL_TIME_S = 30
+CUT_BY_S = 60
 
 
 def _reply(code):
@@ -40,7 +40,7 @@ def _assert_cut_at_the_deadline(seconds, done, tree):
 
 
 def test_a_long_cell_is_cut_at_the_run_deadline(tmp_path):
-    cell = "import time\nstarted = time.time()\nwhile time.time() - started < 90:\n    time.sleep(0.05)"
+    cell = "import time\nstarted = time.time()\nwhile time.time() - started < 120:\n    time.sleep(0.05)"
     with OpenAIServer(reply=lambda request: _reply(cell)) as server:
         seconds, done, tree = _run(tmp_path, server)
     _assert_cut_at_the_deadline(seconds, done, tree)
@@ -48,7 +48,7 @@ def test_a_long_cell_is_cut_at_the_run_deadline(tmp_path):
 
 
 def test_a_hanging_model_call_is_cut_at_the_run_deadline(tmp_path):
-    with OpenAIServer(reply=lambda request: _reply("print(1)"), latency_s=120) as server:
+    with OpenAIServer(reply=lambda request: _reply("print(1)"), latency_s=150) as server:
         seconds, done, tree = _run(tmp_path, server, "model.timeout_s=120", "model.num_retries=3")
     _assert_cut_at_the_deadline(seconds, done, tree)
     assert len(server.requests) == 1  # never retried as if transient
@@ -56,7 +56,7 @@ def test_a_hanging_model_call_is_cut_at_the_run_deadline(tmp_path):
 
 def test_a_hanging_llm_query_is_cut_at_the_run_deadline(tmp_path):
     with OpenAIServer(reply=lambda request: _reply("print(llm_query('hello'))")) as root, \
-            OpenAIServer(reply="late", latency_s=120) as sub:
+            OpenAIServer(reply="late", latency_s=150) as sub:
         seconds, done, tree = _run(tmp_path, root, "model.sub.model=openai/sub", f"model.sub.api_base={sub.url}",
                                    "model.timeout_s=120")
     _assert_cut_at_the_deadline(seconds, done, tree)
