@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from rlm_pipelines.text import safe_text
+from rlm_pipelines.text import map_strings, safe_text
 
 MASK = "***"
 USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@:\"']+:[^\s/@\"']+@")
@@ -104,13 +104,7 @@ def text(value: str) -> str:
 
 def data(value: Any) -> Any:
     """`text` applied to every string in nested dicts and lists."""
-    if isinstance(value, str):
-        return text(value)
-    if isinstance(value, dict):
-        return {data(k): data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [data(v) for v in value]
-    return value
+    return map_strings(text, value)
 
 
 def redact_file(path: Path) -> None:

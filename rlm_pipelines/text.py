@@ -9,7 +9,7 @@ text for the whole. The REPL server inside the sandbox cuts cell output the same
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -50,10 +50,16 @@ def safe_text(text: str) -> str:
 
 def safe_data(value: Any) -> Any:
     """`safe_text` over every string (keys included) of JSON-like data: dicts, lists, tuples."""
+    return map_strings(safe_text, value)
+
+
+def map_strings(change: Callable[[str], str], value: Any) -> Any:
+    """`value` with `change` applied to every string in it (keys included), through dicts, lists and tuples
+    (tuples come back as lists, as JSON has them)."""
     if isinstance(value, str):
-        return safe_text(value)
+        return change(value)
     if isinstance(value, dict):
-        return {safe_data(k): safe_data(v) for k, v in value.items()}
+        return {map_strings(change, k): map_strings(change, v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [safe_data(v) for v in value]
+        return [map_strings(change, v) for v in value]
     return value

@@ -2,6 +2,7 @@
 for real: cells in a bubblewrap sandbox driven through the real host session, and raw HTTP against a real
 `server.py --http`."""
 
+import contextlib
 import json
 import os
 import socket
@@ -318,8 +319,9 @@ def test_many_large_frames_queued_at_once_go_out_over_several_polls(http_server)
     assert calls == 8
 
 
-def test_no_host_call_goes_out_between_cells(tmp_path):
-    """A thread a cell leaves behind calls a host function after the cell ended: the host never sees it."""
+@contextlib.contextmanager
+def raw_server():
+    """`server.py` over stdio as a plain process on the host: (send a message, the stream of its frames)."""
     to_server_r, to_server = os.pipe()
     from_server, from_server_w = os.pipe()
     process = subprocess.Popen([sys.executable, "-I", SERVER_FILE, "--fds", str(to_server_r), str(from_server_w)],
@@ -327,18 +329,31 @@ def test_no_host_call_goes_out_between_cells(tmp_path):
                                start_new_session=True)
     os.close(to_server_r)
     os.close(from_server_w)
-    stream = os.fdopen(from_server, "rb")
-    said = tmp_path / "said"
 
-    def command(message):
-        os.write(to_server, json.dumps(message).encode() + b"\n")
-        while True:
-            frame = json.loads(stream.readline())
-            assert frame["type"] in ("hello", "result"), frame  # never a call
-            if frame["type"] == "result":
-                return frame
+    def send(message):
+        os.write(to_server, json.dumps(message).encode() + b"\n")  # ASCII: a lone surrogate as an escape
 
     try:
+        with os.fdopen(from_server, "rb") as stream:
+            yield send, stream
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait()
+        os.close(to_server)
+
+
+def test_no_host_call_goes_out_between_cells(tmp_path):
+    """A thread a cell leaves behind calls a host function after the cell ended: the host never sees it."""
+    said = tmp_path / "said"
+    with raw_server() as (send, stream):
+        def command(message):
+            send(message)
+            while True:
+                frame = json.loads(stream.readline())
+                assert frame["type"] in ("hello", "result"), frame  # never a call
+                if frame["type"] == "result":
+                    return frame
+
         command({"type": "register", "id": 1, "tools": [{"name": "spy", "params": [], "doc": ""}]})
         left = command({"type": "exec", "id": 2, "code": "import threading, time\n"
                         "def later():\n    time.sleep(0.5)\n    try:\n        spy()\n"
@@ -351,43 +366,23 @@ def test_no_host_call_goes_out_between_cells(tmp_path):
             time.sleep(0.1)
         assert "host functions can only be called while a cell runs" in said.read_text()
         assert command({"type": "exec", "id": 3, "code": "spy"})["error"] is None  # the REPL goes on
-    finally:
-        os.killpg(process.pid, 9)
-        process.wait()
-        stream.close()
-        os.close(to_server)
 
 
 def test_a_host_function_returning_a_lone_surrogate_does_not_break_the_server():
-    to_server_r, to_server = os.pipe()
-    from_server, from_server_w = os.pipe()
-    process = subprocess.Popen([sys.executable, "-I", SERVER_FILE, "--fds", str(to_server_r), str(from_server_w)],
-                               pass_fds=(to_server_r, from_server_w), stdout=subprocess.DEVNULL,
-                               start_new_session=True)
-    os.close(to_server_r)
-    os.close(from_server_w)
-    try:
-        with os.fdopen(from_server, "rb") as stream:
-            def send(message):
-                os.write(to_server, json.dumps(message).encode() + b"\n")  # ASCII: \ud800 as an escape
-
-            def frame(kind):
+    with raw_server() as (send, stream):
+        def frame(kind):
+            message = json.loads(stream.readline())
+            while message["type"] == "hello":
                 message = json.loads(stream.readline())
-                while message["type"] == "hello":
-                    message = json.loads(stream.readline())
-                assert message["type"] == kind, message
-                return message
+            assert message["type"] == kind, message
+            return message
 
-            send({"type": "register", "id": 1, "tools": [{"name": "spy", "params": [], "doc": ""}], "final": True})
-            frame("result")
-            send({"type": "exec", "id": 2, "code": "value = spy()\nprint(value)\nFINAL(value)"})
-            send({"type": "reply", "call_id": frame("call")["call_id"], "value": "\ud800!"})
-            result = frame("result")
-            assert result["final"] == {"kind": "final", "value": "\ud800!"}
-            assert result["stdout"] == "\\ud800!\n"
-            send({"type": "exec", "id": 3, "code": "6 * 7"})
-            assert frame("result")["value"] == "42"
-    finally:
-        os.killpg(process.pid, 9)
-        process.wait()
-        os.close(to_server)
+        send({"type": "register", "id": 1, "tools": [{"name": "spy", "params": [], "doc": ""}], "final": True})
+        frame("result")
+        send({"type": "exec", "id": 2, "code": "value = spy()\nprint(value)\nFINAL(value)"})
+        send({"type": "reply", "call_id": frame("call")["call_id"], "value": "\ud800!"})
+        result = frame("result")
+        assert result["final"] == {"kind": "final", "value": "\ud800!"}
+        assert result["stdout"] == "\\ud800!\n"
+        send({"type": "exec", "id": 3, "code": "6 * 7"})
+        assert frame("result")["value"] == "42"

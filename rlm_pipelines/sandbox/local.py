@@ -19,6 +19,7 @@ makes the process limit - and fork-bomb containment - real.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -362,20 +363,18 @@ class LocalSandbox(BaseSandbox):
 
     def upload(self, path: str, data: bytes) -> None:
         """Write a file (and its missing folders) as the sandbox's own. Sandbox code may swap any folder or
-        the file for a symlink meanwhile, so no path is resolved twice: each folder is opened relative to
-        the one before it, never through a symlink, and owners are set on the open descriptors."""
-        mount, parts = self._inside_parts(path)
-        if not parts:
-            raise SandboxError(f"cannot upload to {path!r}: it is a folder")
-        folder = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        the file for a symlink meanwhile, so no path is resolved twice (see `_parent`), and owners are set
+        on the open descriptors."""
         try:
-            for name in parts[:-1]:
-                folder = self._enter(folder, name, path)
-            fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644, dir_fd=folder)
+            folder, name = self._parent(path, "upload to", make=True)
         except OSError as exc:
-            os.close(folder)
             raise SandboxError(f"cannot upload to {path!r}: {exc}") from exc
-        os.close(folder)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644, dir_fd=folder)
+        except OSError as exc:
+            raise SandboxError(f"cannot upload to {path!r}: {exc}") from exc
+        finally:
+            os.close(folder)
         with os.fdopen(fd, "wb") as handle:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a FIFO, or a hardlink to someone's file
@@ -385,22 +384,29 @@ class LocalSandbox(BaseSandbox):
             handle.write(data)
             self._own(fd)
 
-    def _enter(self, folder: int, name: str, path: str) -> int:
-        """Open (making it if missing) the folder `name` in `folder`, closing `folder`; never via a symlink."""
-        try:
+    def _parent(self, path: str, verb: str, make: bool) -> tuple[int, str]:
+        """(an open descriptor of the folder `path` is in, the file's name): each folder is opened relative
+        to the one before it, never through a symlink (made, as the sandbox's own, when `make`)."""
+        mount, parts = self._inside_parts(path)
+        if not parts:
+            raise SandboxError(f"cannot {verb} {path!r}: it is a folder")
+        folder = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        for name in parts[:-1]:
             try:
-                os.mkdir(name, 0o755, dir_fd=folder)
-            except FileExistsError:
-                pass
-            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise SandboxError(f"cannot upload to {path!r}: {name!r} is not a folder") from exc
-            raise
-        finally:
-            os.close(folder)
-        self._own(inner)
-        return inner
+                if make:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, 0o755, dir_fd=folder)
+                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise SandboxError(f"cannot {verb} {path!r}: {name!r} is not a folder") from exc
+                raise
+            finally:
+                os.close(folder)
+            folder = inner
+            if make:
+                self._own(folder)
+        return folder, parts[-1]
 
     def _own(self, fd: int) -> None:
         if self._uid is not None:
@@ -418,19 +424,12 @@ class LocalSandbox(BaseSandbox):
 
     def download(self, path: str, max_bytes: Optional[int] = None, deadline: Optional[float] = None) -> bytes:
         """Read a regular file of the sandbox's. Sandbox code may swap it (or a folder on its way) for a
-        symlink, a FIFO or a huge file meanwhile: folders are opened one by one without following symlinks,
-        the file non-blocking, its type checked on the open descriptor, and reading stops at `max_bytes`
+        symlink, a FIFO or a huge file meanwhile: folders are opened as `_parent` does, the file
+        non-blocking, its type checked on the open descriptor, and reading stops at `max_bytes`
         (`DownloadTooLarge`) and at `deadline` (`TimeoutError`)."""
-        mount, parts = self._inside_parts(path)
-        if not parts:
-            raise SandboxError(f"cannot download {path!r}: it is a folder")
-        folder = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        folder, name = self._parent(path, "download", make=False)
         try:
-            for name in parts[:-1]:
-                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
-                os.close(folder)
-                folder = inner
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=folder)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=folder)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise SandboxError(f"cannot download {path!r}: a symlink on its way") from exc
