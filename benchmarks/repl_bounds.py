@@ -3,7 +3,7 @@ reading the host did before.
 
     python benchmarks/repl_bounds.py
 
-Each figure is the peak RSS (ru_maxrss) of a child process running the host side of one attack
+Each figure is the peak RSS (VmHWM) of a child process running the host side of one attack
 (`tests/fakes/repl_host.py`) against a hostile server (`tests/fakes/hostile_repl.py`) through the real
 transports, or a real bubblewrap sandbox running our REPL server:
     long-line     1.5 GB without a newline on the stdio channel (and as an endless HTTP poll body)

@@ -16,10 +16,12 @@ from tests.conftest import daytona_config, run_dir_of
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import build
 
-# Runs the CLI as a user does and prints its own peak RSS at exit (RUSAGE_SELF: git children not counted).
-CLI_WITH_PEAK = ("import atexit, resource, runpy, sys\n"
-                 "atexit.register(lambda: sys.stderr.write("
-                 "f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'))\n"
+# Runs the CLI as a user does and prints its own peak RSS at exit (VmHWM: git children not counted).
+CLI_WITH_PEAK = ("import atexit, runpy, sys\n"
+                 "def peak():\n"
+                 "    status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+                 "    sys.stderr.write(f'PEAK_RSS_KB={int(status.split()[0])}\\n')\n"
+                 "atexit.register(peak)\n"
                  "sys.argv = ['rlm_pipelines', *sys.argv[1:]]\n"
                  "runpy.run_module('rlm_pipelines', run_name='__main__')\n")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -111,6 +110,13 @@ def readline_attack(limit_mb: int, cells: list[str]) -> list[dict]:
     return [{"read_bytes": size}]
 
 
+def peak_rss_kb() -> int:
+    """This process's peak RSS since it started (VmHWM: ru_maxrss would carry the peak of the process it
+    was forked from, e.g. a large pytest)."""
+    with open("/proc/self/status") as status:
+        return int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+
 def main() -> None:
     mode, limit_mb, cells = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     config = ReplConfig(max_message_mb=limit_mb, cell_timeout_s=60, host_workers=2)
@@ -123,9 +129,10 @@ def main() -> None:
     else:
         spawn = stdio_spawn(limit_mb) if mode == "stdio" else http_spawn(limit_mb)
         results = run_session(ReplSession(spawn, config), limit_mb, cells)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_kb() / 1024
     print(json.dumps({"cells": results, "peak_rss_mb": round(peak_mb, 1)}))
 
 
 if __name__ == "__main__":
     main()
+
