@@ -155,9 +155,17 @@ def repl_server_processes(under=None):
 
 
 def still_running(pids):
-    """Those of `pids` that still exist (a process that has not been reaped yet counts while it is a zombie
-    for at most a moment; the servers we look for are reaped by their sandbox's init)."""
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    """Those of `pids` that still run. A zombie has ended: when a sandbox's init dies first, its processes are
+    reparented to the host's init, which reaps them a moment later."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
 
 
 def descendants(pid):
