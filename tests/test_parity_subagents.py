@@ -27,7 +27,8 @@ MORE = ("for i in range({n}):\n"
         "    except Exception as e:\n"
         "        print('REFUSED', e)\n")
 NESTED = ("deep = dspy.RLM('context, query -> answer', max_iters=3)\n"
-          "print('R', deep(context='some text', query='inner?').answer)\n")
+          "print('R', deep(context='some text', query='inner?').answer)\n"
+          "print('B', llm_query_batched(['b1?', 'b2?']))\n")
 DONE = "SUBMIT(counts={'a': 1})"
 _ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
 
@@ -95,7 +96,7 @@ def test_sub_agent_calls_are_recorded_costed_and_counted_against_max_llm_calls(t
     assert tree["root"]["usage"]["total"]["tokens"] == summary["tokens"] > sub_tokens
     # the 5th and 6th call were refused by limits.max_llm_calls: the model saw why, the run says partial
     second = tree["root"]["iterations"][1]["stdout"]
-    assert second.count("REFUSED") == 2 and "LLM call limit exceeded" in second
+    assert second.count("REFUSED") == 2 and "LLM call limit exceeded" in second and "limits.max_llm_calls" in second
     assert tree["status"] == summary["status"] == "partial"
     assert summary["partial"]["refused"] == {"max_llm_calls": 2}
 
@@ -116,8 +117,8 @@ def test_a_nested_rlm_sub_agent_is_recorded_and_budgeted(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "R deep" in tree["root"]["iterations"][0]["stdout"]
     nodes = _calls(tree)
-    assert len(nodes) == calls.sub == 2  # the nested RLM's turn and its own llm_query
-    assert {n["api"] for n in nodes} == {"dspy.RLM"}
+    assert len(nodes) == calls.sub == 4  # the nested RLM's turn and its own llm_query; a batch of two
+    assert sorted(n["api"] for n in nodes) == ["dspy.RLM", "dspy.RLM", "llm_query_batched", "llm_query_batched"]
     assert any(n["task"] == "innermost?" and n["result"] == "plain answer" for n in nodes)
     assert summary["llm_calls"] == calls.root + calls.sub
     assert tree["usage"]["sandboxes"] == 2 and tree["root"]["sandbox_id"]

@@ -215,7 +215,7 @@ class _ObservedBudget:
             self.budget.reserve(n)
         except RuntimeError as exc:
             self.observer.refused("max_llm_calls", n, str(exc))
-            raise
+            raise RuntimeError(f"{exc} (limits.max_llm_calls)") from None
 
 
 def _labelled(api: str, function: Callable[..., Any]) -> Callable[..., Any]:
