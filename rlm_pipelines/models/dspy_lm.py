@@ -81,14 +81,14 @@ class RecordingLM(dspy.LM):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().__call__
-        with self._recording(_request(args, kwargs)) as call:
+        with self._recording(args, kwargs) as call:
             result, call.attempts = with_retries(lambda: call_dspy(*args, **self._bounded(kwargs)), self.spec,
                                                  self.deadline)
         return safe_data(result)  # a lone surrogate in a reply must not break the records or the REPL
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().acall
-        with self._recording(_request(args, kwargs)) as call:
+        with self._recording(args, kwargs) as call:
             result, call.attempts = await with_retries_async(lambda: call_dspy(*args, **self._bounded(kwargs)),
                                                              self.spec, self.deadline)
         return safe_data(result)
@@ -100,7 +100,7 @@ class RecordingLM(dspy.LM):
         return {**kwargs, "timeout": call_timeout(self.spec, self.deadline)}
 
     @contextlib.contextmanager
-    def _recording(self, messages: list[dict[str, Any]]) -> Iterator[SimpleNamespace]:
+    def _recording(self, args: tuple, kwargs: dict[str, Any]) -> Iterator[SimpleNamespace]:
         """One public call, retries included: the hook may refuse it first; its usage (from dspy's history
         entry) or its failure goes into the ledger, and to the hook."""
         if self.hook is not None:
@@ -116,13 +116,13 @@ class RecordingLM(dspy.LM):
         except (ModelError, BudgetExceeded) as exc:
             record = self._record_failure(exc, started)
             if self.hook is not None:
-                self.hook.after_call(messages, None, record)
+                self.hook.after_call(_request(args, kwargs), None, record)
             raise
         finally:
             _entry_box.reset(token)
         record = self._record(box, started, call.attempts)
         if self.hook is not None:
-            self.hook.after_call(messages, _text((box[-1] if box else {}).get("outputs")), record)
+            self.hook.after_call(_request(args, kwargs), _text((box[-1] if box else {}).get("outputs")), record)
 
     def _record(self, box: list, started: float, attempts: int) -> CallRecord:
         entry = box[-1] if box else {}
@@ -159,12 +159,13 @@ class RecordingLM(dspy.LM):
 
 
 def _request(args: tuple, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    """The messages of a call as dspy's `LM` takes it: `messages=`, or a prompt (first argument or `prompt=`)."""
+    """The messages of a call as dspy's `LM` takes it: `messages=`, or a prompt (first argument or `prompt=`);
+    not copied (the run tree clips what it keeps and writes it UTF-8-safe)."""
     messages = kwargs.get("messages")
     if messages:
-        return safe_data(list(messages))
+        return list(messages)
     prompt = kwargs.get("prompt", args[0] if args else None)
-    return [{"role": "user", "content": safe_data(str(prompt or ""))}]
+    return [{"role": "user", "content": str(prompt or "")}]
 
 
 def _text(outputs: Any) -> Optional[str]:
