@@ -13,14 +13,15 @@ from rlm_pipelines.models.usage import UsageLedger
 
 
 class BudgetExceeded(Exception):
-    """A run-wide limit was reached. `status` is what the run tree records: budget_exceeded or timeout.
+    """A run-wide limit was reached. `status` is what the run tree records: budget_exceeded or timeout;
+    `limit` the key of the limit met (e.g. "max_tokens"), so a refusal can be counted under it.
     Never transient: another attempt of the step would meet the same spent budget."""
 
     transient = False
 
-    def __init__(self, message: str, status: str = "budget_exceeded"):
+    def __init__(self, message: str, status: str = "budget_exceeded", limit: str = "wall_time_s"):
         super().__init__(message)
-        self.status = status
+        self.status, self.limit = status, limit
 
 
 class Budget:
@@ -48,7 +49,7 @@ class Budget:
             raise self.timed_out()
         if usage["tokens"] >= limits.max_tokens:
             raise BudgetExceeded(f"token budget spent: {usage['tokens']:,} of limits.max_tokens="
-                                 f"{limits.max_tokens:,}")
+                                 f"{limits.max_tokens:,}", limit="max_tokens")
         if usage["cost_usd"] >= limits.max_cost_usd:
             raise BudgetExceeded(f"dollar budget spent: ${usage['cost_usd']:.4f} of limits.max_cost_usd="
-                                 f"{limits.max_cost_usd:g}")
+                                 f"{limits.max_cost_usd:g}", limit="max_cost_usd")

@@ -109,9 +109,14 @@ class RunTree:
                 reasons["record_cut"] = self.record_cut
             return reasons
 
-    def add_llm_call(self, parent_id: str, prompt: str, answer: str, **fields: Any) -> str:
+    def add_llm_call(self, parent_id: str, prompt: str, answer: Optional[str], usage: Optional[dict] = None,
+                     error: Optional[str] = None, **fields: Any) -> str:
+        """A model call an agent's code made (`usage`: its tokens and dollars, already in the agent's own
+        usage through its iteration, so it is not rolled up again)."""
         node_id = self.add_node("llm_call", prompt, parent_id, **fields)
-        self.end_node(node_id, "ok", result=answer)
+        with self._lock:
+            self._nodes[node_id]["usage"]["own"] = {**dict.fromkeys(USAGE_KEYS, 0), **(usage or {})}
+        self.end_node(node_id, "error" if error else "ok", result=answer, error=error)
         return node_id
 
     def end_node(self, node_id: str, status: str, result: Any = None, error: Optional[str] = None,
@@ -122,10 +127,10 @@ class RunTree:
             fields.setdefault("result_truncated", bool(text is not None and len(text) > TEXT_LIMIT))
             node.update(status=status, ended_at=_now(), error=_kept(error),
                         **{k: _kept(v) for k, v in fields.items()}, result=_kept(result))
-            # usage rolls up the tree: an agent's total is its own calls plus its children's totals
+            # usage rolls up the tree: an agent's total is its own calls plus its sub-agents' totals
             own = node["usage"].setdefault("own", dict.fromkeys(USAGE_KEYS, 0))
             total = dict(own)
-            for child in node["children"]:
+            for child in (c for c in node["children"] if c["kind"] == "agent"):
                 for key in USAGE_KEYS:
                     total[key] += child["usage"].get("total", {}).get(key, 0)
             total["cost_usd"] = round(total["cost_usd"], 6)

@@ -119,8 +119,13 @@ function timeline(run) {
 function llmCalls() {
   const calls = Object.values(nodes).filter((n) => n.kind === "llm_call");
   if (!calls.length) return;
-  $("calls").innerHTML = `<h2>llm_query calls (${calls.length})</h2>` + calls.map((c) =>
-    `<div class="iteration call">${block(`${c.id} prompt`, c.task)}${block(`${c.id} answer`, c.result)}</div>`).join("");
+  // each call says the sandbox API it came through (llm_query, dspy.Predict, ...), its figures and status
+  $("calls").innerHTML = `<h2>Model calls from the sandbox (${calls.length})</h2>` + calls.map((c) => {
+    const u = (c.usage && c.usage.own) || {};
+    return `<div class="iteration call"><div class="meta"><b>${esc(c.id)}</b> · <span class="api">${esc(c.api || "llm_query")}</span>
+      · ${esc(u.tokens ?? 0)} tokens · ${money(u.cost_usd)} · ${esc(c.status)}</div>
+      ${block(`${c.id} prompt`, c.task)}${block(`${c.id} answer`, c.result)}${block(`${c.id} error`, c.error, "err")}</div>`;
+  }).join("");
 }
 
 function patch(text) {

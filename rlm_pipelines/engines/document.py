@@ -41,20 +41,25 @@ class DocumentEngine:
         task, cfg, tree, budget = run.task, run.cfg, run.tree, run.budget
         spec, limits = cfg.model, cfg.limits
         root_lm = build_dspy_lm(spec, budget.ledger, role="root", deadline=budget.deadline)
-        sub_lm = build_dspy_lm(sub_spec(spec), budget.ledger, role="sub", deadline=budget.deadline)
         signature = dspy.Signature(task.signature, task.instructions)
         agent = tree.add_node("agent", task.instructions or task.signature)
+        observer = TreeObserver(tree, agent, budget, run.progress, root_lm, limits.max_iterations)
+        # Everything the sandbox asks of a model (llm_query, dspy's sub-agents) runs on sub_lm: the observer
+        # checks the budget before each call and records each one in the run tree.
+        sub_lm = build_dspy_lm(sub_spec(spec), budget.ledger, role="sub", deadline=budget.deadline, hook=observer)
+        sandboxes: list[str] = []
 
         def started(sandbox_id: str) -> None:
-            tree.update_node(agent, sandbox_id=sandbox_id)
+            if not sandboxes:  # the agent's own; a nested dspy.RLM sub-agent's sandboxes are only counted
+                tree.update_node(agent, sandbox_id=sandbox_id)
+            sandboxes.append(sandbox_id)
             tree.count("sandboxes")
 
         factory = SandboxInterpreterFactory(cfg.sandbox, on_start=started, deadline=budget.deadline)
         rlm = SandboxRLM(signature, interpreter_factory=factory,
                          batch_concurrency=limits.concurrency, max_iters=limits.max_iterations,
                          max_llm_calls=limits.max_llm_calls, max_output_chars=limits.max_output_chars,
-                         sub_lm=sub_lm)
-        rlm.observer = TreeObserver(tree, agent, budget, run.progress, root_lm, limits.max_iterations)
+                         sub_lm=sub_lm, observer=observer)
         try:
             with dspy.context(lm=root_lm):
                 prediction = rlm(**run.inputs)

@@ -6,27 +6,45 @@ uses it).
   batch eight round trips long); the call budget is still reserved for the whole batch at once, atomically.
 - a model reply that cannot be parsed into `reasoning` + `code` becomes an observation the model sees on
   its next turn, instead of an exception that ends the run.
-- an optional `Observer` sees every iteration and every `llm_query` (the run tree, the console), and may
-  stop the run between iterations when a budget is spent.
+- an optional `Observer` sees every iteration (the run tree, the console) and may stop the run between
+  iterations when a budget is spent.
+- every model call the sandbox makes, through `llm_query`, `llm_query_batched` or the sub-agents dspy 3.4.1
+  installs in the sandbox (`dspy.Predict`, `dspy.ChainOfThought`, `dspy.ReAct(V2)`, a nested `dspy.RLM`
+  ... built by its facade tools, all on `sub_lm`), is checked against the run's budget before it is made
+  (`Observer.before_sub_calls`, from dspy's per-run call budget, which every such call reserves), and the
+  sub-model's `CallHook` (`TreeObserver`) records it with the API it came through (`api_label()`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
+import functools
 import json
 import time
 from typing import Any, Callable, Optional, Protocol
 
 import dspy
+from dspy.primitives.facade import CALL_TOOL, CONSTRUCT_TOOL
 from dspy.utils.exceptions import AdapterParseError
 
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
 from rlm_pipelines.engines.interpreter import SandboxInterpreterFactory
 from rlm_pipelines.models import Usage
+from rlm_pipelines.models.usage import CallRecord
 from rlm_pipelines.text import clip
 
 PREVIEW_CHARS = 1000  # dspy's REPLVariable preview
+
+# The sandbox API the model call in progress came through ("llm_query", "dspy.Predict", ...). A context
+# variable: host calls run on pool threads with the cell's context, dspy's batch copies it to its workers.
+_api: contextvars.ContextVar[str] = contextvars.ContextVar("rlm_sandbox_api", default="sandbox")
+
+
+def api_label() -> str:
+    """The sandbox API of the model call in progress (what the run tree and the viewer show)."""
+    return _api.get()
 
 
 class Observer(Protocol):
@@ -36,9 +54,10 @@ class Observer(Protocol):
     def after_iteration(self, index: int, step: dict[str, Any], duration_s: float) -> None: ...
 
     def before_sub_calls(self, count: int) -> None:
-        """Raise to refuse the calls; the model sees the message."""
+        """Raise to refuse the calls (any API, `api_label()`); the model sees the message."""
 
-    def sub_calls(self, prompts: list[str], answers: list[str]) -> None: ...
+    def refused(self, limit: str, count: int, message: str) -> None:
+        """`count` calls were refused by dspy's call budget (`limit`: the limit's key, max_llm_calls)."""
 
     def fan_out(self, total: int) -> Any:
         """A context manager around a batch (the console shows a progress bar)."""
@@ -54,28 +73,49 @@ class SandboxRLM(dspy.RLM):
         self.observer = observer
 
     def _make_llm_tools(self, budget: Any = None, max_workers: int = 8) -> dict[str, Callable]:
-        tools = super()._make_llm_tools(budget, max_workers=max(max_workers, self.batch_concurrency))
         observer = self.observer
+        if observer is not None and budget is not None:
+            budget = _ObservedBudget(budget, observer)
+        tools = super()._make_llm_tools(budget, max_workers=max(max_workers, self.batch_concurrency))
         if observer is None:
             return tools
         query, batched = tools["llm_query"], tools["llm_query_batched"]
 
         def llm_query(prompt: str) -> str:
             """Query the LLM with a prompt string."""
-            observer.before_sub_calls(1)
-            answer = query(prompt)
-            observer.sub_calls([prompt], [answer])
-            return answer
+            return _labelled("llm_query", query)(prompt)
 
         def llm_query_batched(prompts: list[str]) -> list[str]:
             """Query prompts concurrently; one answer per prompt, in order."""
-            observer.before_sub_calls(len(prompts))
             with observer.fan_out(len(prompts)):
-                answers = batched(prompts)
-            observer.sub_calls(list(prompts), answers)
-            return answers
+                return _labelled("llm_query_batched", batched)(prompts)
 
         return {"llm_query": llm_query, "llm_query_batched": llm_query_batched}
+
+    def _setup_facade(self, repl: Any, budget: Any, interpreter_factory: Callable[[], Any]) -> str:
+        """dspy's sandbox facade (its sub-agents), on the same observed call budget as llm_query, its host
+        tools labelling each call with the sub-agent's kind (`dspy.Predict`, ...)."""
+        if self.observer is None:
+            return super()._setup_facade(repl, budget, interpreter_factory)
+        rules = super()._setup_facade(repl, _ObservedBudget(budget, self.observer), interpreter_factory)
+        construct, call = repl.tools.get(CONSTRUCT_TOOL), repl.tools.get(CALL_TOOL)
+        if construct is None or call is None:  # the runtime could not host the facade: no sub-agents
+            return rules
+        kinds: dict[str, str] = {}
+
+        @functools.wraps(construct)
+        def construct_labelled(kind: str, signature: Any, attr_name: str, kwargs: Any = None) -> str:
+            handle = construct(kind, signature, attr_name, kwargs)
+            kinds[handle] = f"dspy.{kind}"
+            return handle
+
+        @functools.wraps(call)
+        def call_labelled(handle: str, inputs: Any = None) -> Any:
+            return _labelled(kinds.get(handle, "dspy"), call)(handle, inputs)
+
+        # The shim calls its host tools by name, so they are re-registered with the next cell.
+        repl.tools.update({CONSTRUCT_TOOL: construct_labelled, CALL_TOOL: call_labelled})
+        return rules
 
     def _build_variables(self, **input_args: Any) -> list[Any]:
         """dspy's, with each list or dict input's preview taken from its JSON text streamed in chunks: dspy
@@ -140,14 +180,63 @@ class TreeObserver:
         try:
             self.budget.check()
         except BudgetExceeded as exc:
-            raise RuntimeError(f"no more llm_query calls: {exc}") from None
+            self.refused(exc.limit, count, str(exc))
+            raise RuntimeError(f"no more model calls ({api_label()}): {exc}") from None
 
-    def sub_calls(self, prompts_: list[str], answers: list[str]) -> None:
-        for prompt, answer in zip(prompts_, answers):
-            self.tree.add_llm_call(self.agent_id, prompt, answer)
+    def refused(self, limit: str, count: int, message: str) -> None:
+        """Refused calls are counted on the agent (the run ends `partial`: its answer may lack them)."""
+        for _ in range(count):
+            self.tree.refuse(self.agent_id, api_label(), limit, message)
+
+    # the sub-model's CallHook: every call the sandbox makes, whatever API it came through
+
+    def before_call(self) -> None:
+        self.before_sub_calls(1)
+
+    def after_call(self, messages: list[dict[str, Any]], answer: Optional[str], record: CallRecord) -> None:
+        usage = Usage(record.prompt_tokens, record.completion_tokens, record.cost_usd, 1).as_tree()
+        self.tree.add_llm_call(self.agent_id, _prompt(messages), answer, usage=usage, api=api_label(),
+                               model=record.model, error=None if record.ok else record.error or "failed")
 
     def fan_out(self, total: int) -> Any:
         return self.progress.fan_out(f"llm_query_batched x {total}", total)
+
+
+class _ObservedBudget:
+    """dspy's per-run call budget (`limits.max_llm_calls`), which every sandbox model call reserves before it
+    is made, with the run's own budget checked first and dspy's refusals counted on the agent."""
+
+    def __init__(self, budget: Any, observer: Observer):
+        self.budget, self.observer = budget, observer
+
+    def reserve(self, n: int = 1) -> None:
+        self.observer.before_sub_calls(n)
+        try:
+            self.budget.reserve(n)
+        except RuntimeError as exc:
+            self.observer.refused("max_llm_calls", n, str(exc))
+            raise RuntimeError(f"{exc} (limits.max_llm_calls)") from None
+
+
+def _labelled(api: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, its model calls labelled with the sandbox API they came through."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        token = _api.set(api)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _api.reset(token)
+
+    return run
+
+
+def _prompt(messages: list[dict[str, Any]]) -> str:
+    """A call's prompt as the run tree shows it: a lone user message as it is, a chat with its roles."""
+    if len(messages) == 1 and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str):
+        return messages[0]["content"]
+    return _render(messages) or ""
 
 
 def _json_preview(value: Any, limit: int) -> tuple[int, str]:

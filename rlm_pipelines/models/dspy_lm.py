@@ -17,7 +17,7 @@ import contextvars
 import threading
 import time
 from types import SimpleNamespace
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import dspy
 
@@ -33,15 +33,27 @@ from rlm_pipelines.text import safe_data
 _entry_box: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("rlm_dspy_entry", default=None)
 
 
+@runtime_checkable
+class CallHook(Protocol):
+    """Sees every call of one `RecordingLM` (the document engine's sub-model, which everything the sandbox
+    asks of a model reaches: llm_query and dspy's sub-agents alike), so each is checked and recorded once."""
+
+    def before_call(self) -> None:
+        """Raise to refuse the call (a budget is spent); it is then neither made nor recorded."""
+
+    def after_call(self, messages: list[dict[str, Any]], answer: Optional[str], record: CallRecord) -> None:
+        """The call as made: the request's messages, the reply's text (None when it failed) and its record."""
+
+
 def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
-                  deadline: Optional[float] = None) -> "RecordingLM":
+                  deadline: Optional[float] = None, hook: Optional[CallHook] = None) -> "RecordingLM":
     """A `dspy.LM` for `spec` that records every call into `ledger` (see `RecordingLM`), with the scripted
     provider installed and the model's prices registered."""
     from rlm_pipelines.models import scripted
 
     scripted.install()
     register_prices(spec)
-    return RecordingLM(spec, ledger, role, deadline)
+    return RecordingLM(spec, ledger, role, deadline, hook)
 
 
 class RecordingLM(dspy.LM):
@@ -54,26 +66,29 @@ class RecordingLM(dspy.LM):
     strips every `api_*` argument from what it records.
 
     `deadline` (time.monotonic()), the run's end: each attempt's timeout is cut to the time left, and at the
-    deadline a call raises `BudgetExceeded` (timeout) instead of starting or retrying."""
+    deadline a call raises `BudgetExceeded` (timeout) instead of starting or retrying.
+
+    `hook` (a `CallHook`) is asked before each public call and told of it after; dspy's `copy()` is shallow,
+    so copies made for sub-agents share it, the ledger and the deadline."""
 
     def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
-                 deadline: Optional[float] = None):
+                 deadline: Optional[float] = None, hook: Optional[CallHook] = None):
         kwargs = litellm_kwargs(spec)
         super().__init__(spec.model, engine="litellm", cache=False, num_retries=0,
                          temperature=kwargs.pop("temperature"), max_tokens=kwargs.pop("max_tokens"), **kwargs)
-        self.spec, self.ledger, self.role, self.deadline = spec, ledger, role, deadline
+        self.spec, self.ledger, self.role, self.deadline, self.hook = spec, ledger, role, deadline, hook
         self._last = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().__call__
-        with self._recording() as call:
+        with self._recording(args, kwargs) as call:
             result, call.attempts = with_retries(lambda: call_dspy(*args, **self._bounded(kwargs)), self.spec,
                                                  self.deadline)
         return safe_data(result)  # a lone surrogate in a reply must not break the records or the REPL
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().acall
-        with self._recording() as call:
+        with self._recording(args, kwargs) as call:
             result, call.attempts = await with_retries_async(lambda: call_dspy(*args, **self._bounded(kwargs)),
                                                              self.spec, self.deadline)
         return safe_data(result)
@@ -85,9 +100,11 @@ class RecordingLM(dspy.LM):
         return {**kwargs, "timeout": call_timeout(self.spec, self.deadline)}
 
     @contextlib.contextmanager
-    def _recording(self) -> Iterator[SimpleNamespace]:
-        """One public call, retries included: its usage (from dspy's history entry) or its failure goes
-        into the ledger."""
+    def _recording(self, args: tuple, kwargs: dict[str, Any]) -> Iterator[SimpleNamespace]:
+        """One public call, retries included: the hook may refuse it first; its usage (from dspy's history
+        entry) or its failure goes into the ledger, and to the hook."""
+        if self.hook is not None:
+            self.hook.before_call()
         box: list = []
         token = _entry_box.set(box)
         started = time.perf_counter()
@@ -97,30 +114,37 @@ class RecordingLM(dspy.LM):
             with dspy.context(disable_history=False):
                 yield call
         except (ModelError, BudgetExceeded) as exc:
-            self._record_failure(exc, started)
+            record = self._record_failure(exc, started)
+            if self.hook is not None:
+                self.hook.after_call(_request(args, kwargs), None, record)
             raise
         finally:
             _entry_box.reset(token)
-        self._record(box, started, call.attempts)
+        record = self._record(box, started, call.attempts)
+        if self.hook is not None:
+            self.hook.after_call(_request(args, kwargs), _text((box[-1] if box else {}).get("outputs")), record)
 
-    def _record(self, box: list, started: float, attempts: int) -> None:
+    def _record(self, box: list, started: float, attempts: int) -> CallRecord:
         entry = box[-1] if box else {}
         self._last.entry = entry
         usage = entry.get("usage") or {}
         cost = entry.get("cost")
         if cost is None:
             warn_unpriced(self.spec.model)
+        record = CallRecord(self.spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
+                            completion_tokens=usage.get("completion_tokens", 0) or 0, cost_usd=float(cost or 0.0),
+                            duration_s=time.perf_counter() - started, attempts=attempts, role=self.role)
         if self.ledger is not None:
-            self.ledger.add(CallRecord(self.spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
-                                       completion_tokens=usage.get("completion_tokens", 0) or 0,
-                                       cost_usd=float(cost or 0.0), duration_s=time.perf_counter() - started,
-                                       attempts=attempts, role=self.role))
+            self.ledger.add(record)
+        return record
 
-    def _record_failure(self, exc: Exception, started: float) -> None:
+    def _record_failure(self, exc: Exception, started: float) -> CallRecord:
         attempts = exc.attempts if isinstance(exc, ModelError) else 1
+        record = CallRecord(self.spec.model, duration_s=time.perf_counter() - started, ok=False, error=str(exc),
+                            attempts=attempts, role=self.role)
         if self.ledger is not None:
-            self.ledger.add(CallRecord(self.spec.model, duration_s=time.perf_counter() - started, ok=False,
-                                       error=str(exc), attempts=attempts, role=self.role))
+            self.ledger.add(record)
+        return record
 
     def update_history(self, entry: dict[str, Any]) -> None:
         # Only what we need is kept, and only for this call: dspy's own history would hold every prompt
@@ -132,3 +156,21 @@ class RecordingLM(dspy.LM):
     def last_call(self) -> dict[str, Any]:
         """The calling thread's latest call: usage, cost, messages, outputs ({} before any)."""
         return getattr(self._last, "entry", None) or {}
+
+
+def _request(args: tuple, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages of a call as dspy's `LM` takes it: `messages=`, or a prompt (first argument or `prompt=`);
+    not copied (the run tree clips what it keeps and writes it UTF-8-safe)."""
+    messages = kwargs.get("messages")
+    if messages:
+        return list(messages)
+    prompt = kwargs.get("prompt", args[0] if args else None)
+    return [{"role": "user", "content": str(prompt or "")}]
+
+
+def _text(outputs: Any) -> Optional[str]:
+    """The text of a reply's first output (dspy gives strings, or dicts with `text` when tools are asked)."""
+    if isinstance(outputs, list) and outputs:
+        first = outputs[0]
+        return first.get("text") if isinstance(first, dict) else str(first)
+    return None
