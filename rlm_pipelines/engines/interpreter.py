@@ -13,11 +13,15 @@ Inputs here cross once (`set_vars`); dspy passes them on every `execute`, so unc
 Errors: the model's own mistakes (syntax, exceptions, a cell timeout, a rejected SUBMIT, even a killed REPL,
 which restarts) are `SyntaxError` / `CodeExecutionError` and go back to the model; `CodeInterpreterError`
 only when the sandbox cannot run code at all; `BudgetExceeded` (timeout) when the run's deadline cut the cell.
+Bad names (a tool called `class`, an output field without a name) and `execute` called again while a cell
+runs (from a host tool, say: waiting would deadlock) are `CodeInterpreterError` at once. Inputs are converted
+as dspy converts them (`repl/convert.py`); one with no JSON form is a `CodeExecutionError`, told once.
 """
 
 from __future__ import annotations
 
 import copy
+import keyword
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -27,11 +31,14 @@ from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreter
 from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
+from rlm_pipelines.repl.convert import Unconvertible, jsonable
 from rlm_pipelines.repl.session import ReplError, ReplSession
 from rlm_pipelines.sandbox import SandboxConfigError, SandboxError, SandboxStartError, describe, make_sandbox
 from rlm_pipelines.sandbox.base import Sandbox
 
 _IMMUTABLE = (str, bytes, int, float, bool, type(None), tuple, frozenset)
+_NOTHING = object()
+RESERVED = frozenset({"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"})  # the REPL's own names
 
 
 class SandboxInterpreter:
@@ -48,8 +55,11 @@ class SandboxInterpreter:
         self._sent: dict[str, tuple[Any, Any]] = {}  # name -> (object sent, snapshot) to skip resending
         self.sandbox: Optional[Sandbox] = None
         self.session: Optional[ReplSession] = None
+        self._refused: dict[str, Any] = {}  # name -> the input that could not cross (told once)
         self._lock = threading.Lock()
+        self._busy = threading.Lock()  # held while code runs: a second execute() meanwhile is refused
         self._ended = False
+        check_names(self.tools, output_fields, {})
 
     # -- lifecycle
 
@@ -96,18 +106,33 @@ class SandboxInterpreter:
     # -- execution
 
     def execute(self, code: str, variables: Optional[dict[str, Any]] = None) -> Any:
+        if not self._busy.acquire(blocking=False):  # waiting would deadlock a tool calling back (point 3)
+            raise CodeInterpreterError(
+                "this interpreter is already running code: execute() was called again (from a host tool, or "
+                "another thread) before the running cell ended. Use a separate interpreter for nested code.")
+        try:
+            return self._execute(code, variables)
+        finally:
+            self._busy.release()
+
+    def _execute(self, code: str, variables: Optional[dict[str, Any]]) -> Any:
         if not isinstance(code, str):
             raise CodeInterpreterError("code must be a string")
+        variables = variables or {}
+        check_names(self.tools, self.output_fields, variables)
         self.start()
         session = self.session
         assert session is not None
         try:
             self._register(session)
-            self._send_vars(session, variables or {})
+            refused = self._send_vars(session, variables)
         except (ValueError, TypeError) as exc:
             raise CodeInterpreterError(str(exc)) from exc
         except ReplError as exc:
             raise CodeInterpreterError(f"the sandbox REPL failed: {exc}") from exc
+        if refused:  # recoverable: the model is told once, and the next cell runs without that input
+            raise CodeExecutionError(f"{refused}. It is not defined in the sandbox, and this cell was not run: "
+                                     f"run it again without that input.")
         if not code.strip():
             return prompts.load("no_code").format(detail="the code was empty")
         try:
@@ -137,24 +162,56 @@ class SandboxInterpreter:
         session.register(self.tools, submit_fields=fields)
         self._registered, self._tools_registered = key, True
 
-    def _send_vars(self, session: ReplSession, variables: dict[str, Any]) -> None:
-        """Send only variables that are new or changed since they were last sent."""
-        changed = {}
+    def _send_vars(self, session: ReplSession, variables: dict[str, Any]) -> str:
+        """Send only variables that are new or changed since they were last sent, converted as dspy converts
+        them. Returns why an input cannot cross ("" when all can); one refused is not offered again."""
+        changed, refused = {}, []
         for name, value in variables.items():
-            if name in self.tools:
-                raise ValueError(f"variable {name!r} has the name of a host function")
             sent = self._sent.get(name)
             if sent is not None and sent[0] is value and (isinstance(value, _IMMUTABLE) or value == sent[1]):
                 continue
-            changed[name] = value
-        if not changed:
-            return
-        try:  # set_vars serializes them (once: a large input is not copied again to check it first)
+            if self._refused.get(name, _NOTHING) is value:
+                continue
+            try:
+                changed[name] = jsonable(value, f"input {name!r}")
+            except Unconvertible as exc:
+                self._refused[name] = value
+                refused.append(str(exc))
+        if changed:  # set_vars serializes them (once: a large input is not copied again to check it first)
             session.set_vars(changed)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"inputs must be JSON-compatible to enter the sandbox: {exc}") from exc
-        for name, value in changed.items():
-            self._sent[name] = (value, value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value))
+            for name in changed:
+                value = variables[name]
+                self._sent[name] = (value, value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value))
+        return "; ".join(refused)
+
+
+def check_names(tools: dict[str, Any], output_fields: Optional[list[dict[str, Any]]],
+                variables: dict[str, Any]) -> None:
+    """Refuse, before anything runs, names sandbox code could not use (as dspy's LocalInterpreter does):
+    `class` or `a-b` as a tool could never be called, nor a `SUBMIT` field with such a name be passed."""
+    def bad(names: Any, reserved: frozenset = RESERVED) -> list:
+        return [n for n in names if not isinstance(n, str) or not n.isidentifier() or keyword.iskeyword(n)
+                or n in reserved]
+
+    if bad(tools):
+        raise CodeInterpreterError(f"tool names must be Python identifiers that are not keywords or reserved "
+                                   f"({', '.join(sorted(RESERVED))}); invalid: {bad(tools)!r}")
+    if output_fields is not None:
+        nameless = [f for f in output_fields if not isinstance(f, dict) or "name" not in f]
+        if nameless:
+            raise CodeInterpreterError(f"every output field needs a 'name' (a dict like {{'name': 'answer', "
+                                       f"'type': 'str'}}); without one: {nameless!r}")
+        names = [f["name"] for f in output_fields]
+        wrong = bad(names, frozenset())
+        if wrong:
+            raise CodeInterpreterError(f"output field names must be Python identifiers that are not keywords "
+                                       f"(SUBMIT takes them as keyword arguments); invalid: {wrong!r}")
+        if len(set(names)) != len(names):
+            raise CodeInterpreterError(f"output field names must be unique; got {names!r}")
+    invalid = bad(variables) + [n for n in variables if n in tools]
+    if invalid:
+        raise CodeInterpreterError(f"variable names must be Python identifiers that are not keywords, reserved "
+                                   f"or the name of a tool; invalid: {invalid!r}")
 
 
 class SandboxInterpreterFactory:
