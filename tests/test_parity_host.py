@@ -109,6 +109,8 @@ def test_execute_from_inside_a_tool_raises_instead_of_deadlocking(interp):
         return "ran"
 
     interp.tools["nested"] = nested
+    # Started here, not in the worker: bubblewrap's --die-with-parent fires when the thread that started it ends.
+    interp.start()
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("out", interp.execute("print(nested())")),
                               daemon=True)
