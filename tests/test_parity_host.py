@@ -94,6 +94,49 @@ def test_async_tool_on_the_interpreter_directly(interp):
                                                                                           "tags": ["a", "b"]}
 
 
+class InterpreterEvents(BaseCallback):
+    """dspy's interpreter callbacks, recorded in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_interpreter_startup_start(self, call_id, instance, inputs):
+        self.events.append("startup")
+
+    def on_interpreter_execute_start(self, call_id, instance, inputs):
+        self.events.append(("execute", inputs["code"]))
+
+    def on_interpreter_tool_call_start(self, call_id, instance, inputs):
+        self.events.append(("tool", inputs["tool_name"], inputs["args"], dspy.settings.get("offset")))
+
+    def on_interpreter_tool_call_end(self, call_id, outputs, exception=None):
+        self.events.append(("tool done", outputs))
+
+    def on_interpreter_execute_end(self, call_id, outputs, exception=None):
+        self.events.append(("executed", outputs))
+
+    def on_interpreter_shutdown_start(self, call_id, instance, inputs):
+        self.events.append("shutdown")
+
+
+def test_interpreter_callbacks_see_awaited_tool_calls():
+    events = InterpreterEvents()
+    interp = SandboxInterpreter(CONFIG, tools={"add": add})
+    try:
+        with dspy.context(callbacks=[events], offset=1):
+            assert interp.execute("print(add(2, 3))") == "6"
+    finally:
+        interp.shutdown()
+    # The sandbox starts lazily, inside the first execute (as dspy's LocalInterpreter does); shutdown ran
+    # outside the context, so it is not seen.
+    assert events.events == [("execute", "print(add(2, 3))"), "startup", ("tool", "add", [2, 3], 1),
+                             ("tool done", 6), ("executed", "6")]
+    local = InterpreterEvents()  # instance callbacks, as dspy's LocalInterpreter(callbacks=...) takes them
+    with SandboxInterpreter(CONFIG, callbacks=[local]) as interp:
+        interp.execute("x = 1")
+    assert local.events == ["startup", ("execute", "x = 1"), ("executed", None), "shutdown"]
+
+
 # -- point 3: execute() re-entered from a host tool fails at once instead of deadlocking
 
 

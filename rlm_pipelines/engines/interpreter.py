@@ -21,18 +21,21 @@ as dspy converts them (`repl/convert.py`); one with no JSON form is a `CodeExecu
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import keyword
 import threading
 import time
 from typing import Any, Callable, Optional
 
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
+from dspy.utils.callback import BaseCallback, with_callbacks
 
 from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
 from rlm_pipelines.repl.convert import Unconvertible, jsonable
-from rlm_pipelines.repl.session import ReplError, ReplSession
+from rlm_pipelines.repl.session import ReplError, ReplSession, run_awaitable
 from rlm_pipelines.sandbox import SandboxConfigError, SandboxError, SandboxStartError, describe, make_sandbox
 from rlm_pipelines.sandbox.base import Sandbox
 
@@ -44,8 +47,10 @@ RESERVED = frozenset({"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"
 class SandboxInterpreter:
     def __init__(self, config: Optional[SandboxConfig] = None, tools: Optional[dict[str, Callable]] = None,
                  output_fields: Optional[list[dict[str, Any]]] = None,
-                 on_start: Optional[Callable[[str], None]] = None, deadline: Optional[float] = None):
+                 on_start: Optional[Callable[[str], None]] = None, deadline: Optional[float] = None,
+                 callbacks: Optional[list[BaseCallback]] = None):
         self.config = config or SandboxConfig()
+        self.callbacks = list(callbacks or [])  # dspy's interpreter callbacks, besides those in dspy.settings
         self.on_start = on_start  # told the sandbox id once it runs (the run tree records it)
         self.deadline = deadline  # the run's end (time.monotonic()): a cell still running then is cut
         self.tools: dict[str, Callable[..., Any]] = dict(tools or {})
@@ -63,6 +68,7 @@ class SandboxInterpreter:
 
     # -- lifecycle
 
+    @with_callbacks
     def start(self) -> None:
         with self._lock:
             if self._ended:
@@ -83,6 +89,7 @@ class SandboxInterpreter:
                 # A sandbox that cannot start is an infrastructure failure: the pipeline may retry its step.
                 raise error from SandboxStartError(str(exc))
 
+    @with_callbacks
     def shutdown(self) -> None:
         with self._lock:
             self._ended = True
@@ -105,6 +112,7 @@ class SandboxInterpreter:
 
     # -- execution
 
+    @with_callbacks
     def execute(self, code: str, variables: Optional[dict[str, Any]] = None) -> Any:
         if not self._busy.acquire(blocking=False):  # waiting would deadlock a tool calling back (point 3)
             raise CodeInterpreterError(
@@ -120,7 +128,8 @@ class SandboxInterpreter:
             raise CodeInterpreterError("code must be a string")
         variables = variables or {}
         check_names(self.tools, self.output_fields, variables)
-        self.start()
+        if self.session is None:
+            self.start()
         session = self.session
         assert session is not None
         try:
@@ -159,8 +168,26 @@ class SandboxInterpreter:
         key = (tuple((name, id(fn)) for name, fn in sorted(self.tools.items())), tuple(fields or ()))
         if self._tools_registered and key == self._registered:
             return
-        session.register(self.tools, submit_fields=fields)
+        session.register({name: self._host_tool(name, fn) for name, fn in self.tools.items()}, submit_fields=fields)
         self._registered, self._tools_registered = key, True
+
+    def _host_tool(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """What the session calls for a tool: `invoke_tool`, so dspy's interpreter callbacks see every call;
+        it keeps the tool's signature and doc for the sandbox-side stub."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.invoke_tool(name, list(args), kwargs)
+
+        return functools.update_wrapper(call, function)
+
+    @with_callbacks
+    def invoke_tool(self, tool_name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run one host tool for sandbox code (on a host-call thread, in the cell's context); an async tool
+        is awaited here, so callbacks see its value."""
+        function = self.tools.get(tool_name)
+        if function is None:
+            raise CodeInterpreterError(f"unknown tool: {tool_name}")
+        result = function(*args, **kwargs)
+        return run_awaitable(result) if inspect.isawaitable(result) else result
 
     def _send_vars(self, session: ReplSession, variables: dict[str, Any]) -> str:
         """Send only variables that are new or changed since they were last sent, converted as dspy converts

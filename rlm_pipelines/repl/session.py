@@ -409,7 +409,7 @@ class ReplSession:
                 raise NameError(f"no host function named {name!r}")
             value = function(*message["args"], **message["kwargs"])
             if inspect.isawaitable(value):  # an async tool: awaited here, in the cell's context
-                value = _await(value)
+                value = run_awaitable(value)
             # models, dataclasses, sets... as dspy converts them; lone surrogates -> U+FFFD
             value = safe_data(jsonable(value, f"the result of {name}()", records=True))
             size = len(json.dumps(value))
@@ -430,7 +430,7 @@ HELD_PER_WORKER = 4  # host calls queued or running, per host worker, before mor
 HELD_FRAMES = 16  # their arguments together, in full-size frames
 
 
-def _await(awaitable: Any) -> Any:
+def run_awaitable(awaitable: Any) -> Any:
     """Run an async tool's awaitable to its end on this host-call thread, in this thread's context (the
     cell's, so dspy's settings and callbacks hold inside it). A host-call thread runs no event loop of its
     own; the loop that called `execute` (dspy's `aforward`) is blocked in it, so a loop of its own it is."""
