@@ -215,6 +215,22 @@ def test_an_input_that_cannot_cross_is_a_recoverable_error_told_once(interp):
         interp.execute("print(1)", {"grid": {(0, 1): "x"}})
 
 
+class WithHandle(dspy.Signature):
+    n: int = dspy.InputField()
+    handle: object = dspy.InputField()
+    answer: int = dspy.OutputField()
+
+
+def test_rlm_goes_on_without_an_input_that_cannot_cross():
+    rlm, lm = scripted_rlm("parity-refused", ["print(n)", "print(n + 1)", "SUBMIT(answer=n * 2)"], WithHandle)
+    with dspy.context(lm=lm):
+        pred = rlm(n=4, handle=threading.Lock())  # dspy's own PythonInterpreter ends the run here
+    assert pred.answer == 8
+    outputs = [step["output"] for step in pred.trajectory]
+    assert outputs[0].startswith("[Error] input 'handle' is a lock")
+    assert outputs[1].strip() == "5"
+
+
 # -- point 6: names are validated up front
 
 
