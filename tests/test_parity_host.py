@@ -208,7 +208,7 @@ def test_an_input_that_cannot_cross_is_a_recoverable_error_told_once(interp):
     lock = threading.Lock()
     with pytest.raises(CodeExecutionError, match=r"input 'handle' is a lock .*no JSON form") as caught:
         interp.execute("print(n)", {"n": 1, "handle": lock})
-    assert "not defined in the sandbox" in str(caught.value)
+    assert "not sent into the sandbox" in str(caught.value)
     # The next cell runs, with what could cross, and the refused input is not offered again.
     assert interp.execute("print(n, 'handle' in globals())", {"n": 1, "handle": lock}) == "1 False"
     with pytest.raises(CodeExecutionError, match=r"key of type tuple"):

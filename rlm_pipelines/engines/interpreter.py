@@ -140,7 +140,7 @@ class SandboxInterpreter:
         except ReplError as exc:
             raise CodeInterpreterError(f"the sandbox REPL failed: {exc}") from exc
         if refused:  # recoverable: the model is told once, and the next cell runs without that input
-            raise CodeExecutionError(f"{refused}. It is not defined in the sandbox, and this cell was not run: "
+            raise CodeExecutionError(f"{refused}. It was not sent into the sandbox, and this cell was not run: "
                                      f"run it again without that input.")
         if not code.strip():
             return prompts.load("no_code").format(detail="the code was empty")
@@ -203,6 +203,7 @@ class SandboxInterpreter:
                 changed[name] = jsonable(value, f"input {name!r}")
             except Unconvertible as exc:
                 self._refused[name] = value
+                self._sent.pop(name, None)
                 refused.append(str(exc))
         if changed:  # set_vars serializes them (once: a large input is not copied again to check it first)
             session.set_vars(changed)
