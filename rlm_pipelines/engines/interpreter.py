@@ -44,6 +44,11 @@ _NOTHING = object()
 RESERVED = frozenset({"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"})  # the REPL's own names
 
 
+class InvalidNames(CodeInterpreterError, ValueError):
+    """Names sandbox code could not use. Both kinds dspy's LocalInterpreter raises for them (ValueError for
+    tools and output fields, CodeInterpreterError for variables), so either `except` catches it."""
+
+
 class SandboxInterpreter:
     def __init__(self, config: Optional[SandboxConfig] = None, tools: Optional[dict[str, Callable]] = None,
                  output_fields: Optional[list[dict[str, Any]]] = None,
@@ -222,24 +227,24 @@ def check_names(tools: dict[str, Any], output_fields: Optional[list[dict[str, An
                 or n in reserved]
 
     if bad(tools):
-        raise CodeInterpreterError(f"tool names must be Python identifiers that are not keywords or reserved "
-                                   f"({', '.join(sorted(RESERVED))}); invalid: {bad(tools)!r}")
+        raise InvalidNames(f"tool names must be Python identifiers that are not keywords or reserved "
+                           f"({', '.join(sorted(RESERVED))}); invalid: {bad(tools)!r}")
     if output_fields is not None:
         nameless = [f for f in output_fields if not isinstance(f, dict) or "name" not in f]
         if nameless:
-            raise CodeInterpreterError(f"every output field needs a 'name' (a dict like {{'name': 'answer', "
-                                       f"'type': 'str'}}); without one: {nameless!r}")
+            raise InvalidNames(f"every output field needs a 'name' (a dict like {{'name': 'answer', "
+                               f"'type': 'str'}}); without one: {nameless!r}")
         names = [f["name"] for f in output_fields]
         wrong = bad(names, frozenset())
         if wrong:
-            raise CodeInterpreterError(f"output field names must be Python identifiers that are not keywords "
-                                       f"(SUBMIT takes them as keyword arguments); invalid: {wrong!r}")
+            raise InvalidNames(f"output field names must be Python identifiers that are not keywords "
+                               f"(SUBMIT takes them as keyword arguments); invalid: {wrong!r}")
         if len(set(names)) != len(names):
-            raise CodeInterpreterError(f"output field names must be unique; got {names!r}")
+            raise InvalidNames(f"output field names must be unique; got {names!r}")
     invalid = bad(variables) + [n for n in variables if n in tools]
     if invalid:
-        raise CodeInterpreterError(f"variable names must be Python identifiers that are not keywords, reserved "
-                                   f"or the name of a tool; invalid: {invalid!r}")
+        raise InvalidNames(f"variable names must be Python identifiers that are not keywords, reserved "
+                           f"or the name of a tool; invalid: {invalid!r}")
 
 
 class SandboxInterpreterFactory:
