@@ -13,32 +13,49 @@ Inputs here cross once (`set_vars`); dspy passes them on every `execute`, so unc
 Errors: the model's own mistakes (syntax, exceptions, a cell timeout, a rejected SUBMIT, even a killed REPL,
 which restarts) are `SyntaxError` / `CodeExecutionError` and go back to the model; `CodeInterpreterError`
 only when the sandbox cannot run code at all; `BudgetExceeded` (timeout) when the run's deadline cut the cell.
+Bad names (a tool called `class`, an output field without a name) and `execute` called again while a cell
+runs (from a host tool, say: waiting would deadlock) are `CodeInterpreterError` at once. Inputs are converted
+as dspy converts them (`repl/convert.py`); one with no JSON form is a `CodeExecutionError`, told once.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import keyword
 import threading
 import time
 from typing import Any, Callable, Optional
 
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
+from dspy.utils.callback import BaseCallback, with_callbacks
 
 from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.config import SandboxConfig
 from rlm_pipelines.engines import prompts
-from rlm_pipelines.repl.session import ReplError, ReplSession
+from rlm_pipelines.repl.convert import Unconvertible, jsonable
+from rlm_pipelines.repl.session import ReplError, ReplSession, run_awaitable
 from rlm_pipelines.sandbox import SandboxConfigError, SandboxError, SandboxStartError, describe, make_sandbox
 from rlm_pipelines.sandbox.base import Sandbox
 
 _IMMUTABLE = (str, bytes, int, float, bool, type(None), tuple, frozenset)
+_NOTHING = object()
+RESERVED = frozenset({"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"})  # the REPL's own names
+
+
+class InvalidNames(CodeInterpreterError, ValueError):
+    """Names sandbox code could not use. Both kinds dspy's LocalInterpreter raises for them (ValueError for
+    tools and output fields, CodeInterpreterError for variables), so either `except` catches it."""
 
 
 class SandboxInterpreter:
     def __init__(self, config: Optional[SandboxConfig] = None, tools: Optional[dict[str, Callable]] = None,
                  output_fields: Optional[list[dict[str, Any]]] = None,
-                 on_start: Optional[Callable[[str], None]] = None, deadline: Optional[float] = None):
+                 on_start: Optional[Callable[[str], None]] = None, deadline: Optional[float] = None,
+                 callbacks: Optional[list[BaseCallback]] = None):
         self.config = config or SandboxConfig()
+        self.callbacks = list(callbacks or [])  # dspy's interpreter callbacks, besides those in dspy.settings
         self.on_start = on_start  # told the sandbox id once it runs (the run tree records it)
         self.deadline = deadline  # the run's end (time.monotonic()): a cell still running then is cut
         self.tools: dict[str, Callable[..., Any]] = dict(tools or {})
@@ -48,11 +65,15 @@ class SandboxInterpreter:
         self._sent: dict[str, tuple[Any, Any]] = {}  # name -> (object sent, snapshot) to skip resending
         self.sandbox: Optional[Sandbox] = None
         self.session: Optional[ReplSession] = None
+        self._refused: dict[str, Any] = {}  # name -> the input that could not cross (told once)
         self._lock = threading.Lock()
+        self._busy = threading.Lock()  # held while code runs: a second execute() meanwhile is refused
         self._ended = False
+        check_names(self.tools, output_fields, {})
 
     # -- lifecycle
 
+    @with_callbacks
     def start(self) -> None:
         with self._lock:
             if self._ended:
@@ -73,6 +94,7 @@ class SandboxInterpreter:
                 # A sandbox that cannot start is an infrastructure failure: the pipeline may retry its step.
                 raise error from SandboxStartError(str(exc))
 
+    @with_callbacks
     def shutdown(self) -> None:
         with self._lock:
             self._ended = True
@@ -95,19 +117,36 @@ class SandboxInterpreter:
 
     # -- execution
 
+    @with_callbacks
     def execute(self, code: str, variables: Optional[dict[str, Any]] = None) -> Any:
+        if not self._busy.acquire(blocking=False):  # waiting would deadlock a tool calling back (point 3)
+            raise CodeInterpreterError(
+                "this interpreter is already running code: execute() was called again (from a host tool, or "
+                "another thread) before the running cell ended. Use a separate interpreter for nested code.")
+        try:
+            return self._execute(code, variables)
+        finally:
+            self._busy.release()
+
+    def _execute(self, code: str, variables: Optional[dict[str, Any]]) -> Any:
         if not isinstance(code, str):
             raise CodeInterpreterError("code must be a string")
-        self.start()
+        variables = variables or {}
+        check_names(self.tools, self.output_fields, variables)
+        if self.session is None:
+            self.start()
         session = self.session
         assert session is not None
         try:
             self._register(session)
-            self._send_vars(session, variables or {})
+            refused = self._send_vars(session, variables)
         except (ValueError, TypeError) as exc:
             raise CodeInterpreterError(str(exc)) from exc
         except ReplError as exc:
             raise CodeInterpreterError(f"the sandbox REPL failed: {exc}") from exc
+        if refused:  # recoverable: the model is told once, and the next cell runs without that input
+            raise CodeExecutionError(f"{refused}. It was not sent into the sandbox, and this cell was not run: "
+                                     f"run it again without that input.")
         if not code.strip():
             return prompts.load("no_code").format(detail="the code was empty")
         try:
@@ -134,27 +173,78 @@ class SandboxInterpreter:
         key = (tuple((name, id(fn)) for name, fn in sorted(self.tools.items())), tuple(fields or ()))
         if self._tools_registered and key == self._registered:
             return
-        session.register(self.tools, submit_fields=fields)
+        session.register({name: self._host_tool(name, fn) for name, fn in self.tools.items()}, submit_fields=fields)
         self._registered, self._tools_registered = key, True
 
-    def _send_vars(self, session: ReplSession, variables: dict[str, Any]) -> None:
-        """Send only variables that are new or changed since they were last sent."""
-        changed = {}
+    def _host_tool(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """What the session calls for a tool: `invoke_tool`, so dspy's interpreter callbacks see every call;
+        it keeps the tool's signature and doc for the sandbox-side stub."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.invoke_tool(name, list(args), kwargs)
+
+        return functools.update_wrapper(call, function)
+
+    @with_callbacks
+    def invoke_tool(self, tool_name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run one host tool for sandbox code (on a host-call thread, in the cell's context); an async tool
+        is awaited here, so callbacks see its value."""
+        function = self.tools.get(tool_name)
+        if function is None:
+            raise CodeInterpreterError(f"unknown tool: {tool_name}")
+        result = function(*args, **kwargs)
+        return run_awaitable(result) if inspect.isawaitable(result) else result
+
+    def _send_vars(self, session: ReplSession, variables: dict[str, Any]) -> str:
+        """Send only variables that are new or changed since they were last sent, converted as dspy converts
+        them. Returns why an input cannot cross ("" when all can); one refused is not offered again."""
+        changed, refused = {}, []
         for name, value in variables.items():
-            if name in self.tools:
-                raise ValueError(f"variable {name!r} has the name of a host function")
             sent = self._sent.get(name)
             if sent is not None and sent[0] is value and (isinstance(value, _IMMUTABLE) or value == sent[1]):
                 continue
-            changed[name] = value
-        if not changed:
-            return
-        try:  # set_vars serializes them (once: a large input is not copied again to check it first)
+            if self._refused.get(name, _NOTHING) is value:
+                continue
+            try:
+                changed[name] = jsonable(value, f"input {name!r}")
+            except Unconvertible as exc:
+                self._refused[name] = value
+                self._sent.pop(name, None)
+                refused.append(str(exc))
+        if changed:  # set_vars serializes them (once: a large input is not copied again to check it first)
             session.set_vars(changed)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"inputs must be JSON-compatible to enter the sandbox: {exc}") from exc
-        for name, value in changed.items():
-            self._sent[name] = (value, value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value))
+            for name in changed:
+                value = variables[name]
+                self._sent[name] = (value, value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value))
+        return "; ".join(refused)
+
+
+def check_names(tools: dict[str, Any], output_fields: Optional[list[dict[str, Any]]],
+                variables: dict[str, Any]) -> None:
+    """Refuse, before anything runs, names sandbox code could not use (as dspy's LocalInterpreter does):
+    `class` or `a-b` as a tool could never be called, nor a `SUBMIT` field with such a name be passed."""
+    def bad(names: Any, reserved: frozenset = RESERVED) -> list:
+        return [n for n in names if not isinstance(n, str) or not n.isidentifier() or keyword.iskeyword(n)
+                or n in reserved]
+
+    if bad(tools):
+        raise InvalidNames(f"tool names must be Python identifiers that are not keywords or reserved "
+                           f"({', '.join(sorted(RESERVED))}); invalid: {bad(tools)!r}")
+    if output_fields is not None:
+        nameless = [f for f in output_fields if not isinstance(f, dict) or "name" not in f]
+        if nameless:
+            raise InvalidNames(f"every output field needs a 'name' (a dict like {{'name': 'answer', "
+                               f"'type': 'str'}}); without one: {nameless!r}")
+        names = [f["name"] for f in output_fields]
+        wrong = bad(names, frozenset())
+        if wrong:
+            raise InvalidNames(f"output field names must be Python identifiers that are not keywords "
+                               f"(SUBMIT takes them as keyword arguments); invalid: {wrong!r}")
+        if len(set(names)) != len(names):
+            raise InvalidNames(f"output field names must be unique; got {names!r}")
+    invalid = bad(variables) + [n for n in variables if n in tools]
+    if invalid:
+        raise InvalidNames(f"variable names must be Python identifiers that are not keywords, reserved "
+                           f"or the name of a tool; invalid: {invalid!r}")
 
 
 class SandboxInterpreterFactory:

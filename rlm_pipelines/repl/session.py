@@ -24,6 +24,7 @@ and the calls held at once (queued or running) are bounded, so no server can gro
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import itertools
@@ -36,6 +37,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from rlm_pipelines.config import ReplConfig
+from rlm_pipelines.repl.convert import jsonable
 from rlm_pipelines.repl.protocol import CellError, CellResult, ProtocolViolation, frame_limit, too_large
 from rlm_pipelines.text import clip, safe_data, safe_text
 
@@ -405,7 +407,11 @@ class ReplSession:
             function = self._tools.get(name)
             if function is None:
                 raise NameError(f"no host function named {name!r}")
-            value = safe_data(function(*message["args"], **message["kwargs"]))  # lone surrogates -> U+FFFD
+            value = function(*message["args"], **message["kwargs"])
+            if inspect.isawaitable(value):  # an async tool: awaited here, in the cell's context
+                value = run_awaitable(value)
+            # models, dataclasses, sets... as dspy converts them; lone surrogates -> U+FFFD
+            value = safe_data(jsonable(value, f"the result of {name}()", records=True))
             size = len(json.dumps(value))
             if size > self._max_bytes:
                 raise ValueError(too_large(f"the result of {name}()", size, self.config.max_message_mb))
@@ -422,6 +428,16 @@ class ReplSession:
 
 HELD_PER_WORKER = 4  # host calls queued or running, per host worker, before more are refused
 HELD_FRAMES = 16  # their arguments together, in full-size frames
+
+
+def run_awaitable(awaitable: Any) -> Any:
+    """Run an async tool's awaitable to its end on this host-call thread, in this thread's context (the
+    cell's, so dspy's settings and callbacks hold inside it). A host-call thread runs no event loop of its
+    own; the loop that called `execute` (dspy's `aforward`) is blocked in it, so a loop of its own it is."""
+    async def wait() -> Any:
+        return await awaitable
+
+    return asyncio.run(wait())
 
 
 def _tool_spec(name: str, function: Callable[..., Any]) -> dict[str, Any]:
