@@ -7,11 +7,12 @@ import json
 import threading
 import time
 
+import dspy
 import pytest
 
 from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.config import LocalSandboxConfig, ReplConfig
-from rlm_pipelines.engines.interpreter import SandboxInterpreter
+from rlm_pipelines.engines.interpreter import SandboxInterpreter, SandboxInterpreterFactory
 from rlm_pipelines.sandbox.local import LocalSandbox
 
 FLEX_CELL = "import json as _j\nout = {'result': 42, 'why': 'it \"is\" so'}\n_j.dumps(out)"
@@ -35,6 +36,25 @@ def test_flex_style_consumer_gets_the_json_string(interp):
     """dspy.Flex runs a cell ending in json.dumps(...) and json.loads what execute returns."""
     result = interp.execute(FLEX_CELL)
     assert json.loads(result) == {"result": 42, "why": 'it "is" so'}
+
+
+def test_dspy_flex_runs_on_our_interpreter():
+    """The real dspy.Flex: its bridge runs the bound module in our sandbox and json.loads the cell's value;
+    the module prints on the way, which must not spoil the value."""
+
+    class Signature(dspy.Signature):
+        value: int = dspy.InputField()
+        result: int = dspy.OutputField()
+        note: str = dspy.OutputField()
+
+    module = ("class Plus(dspy.Module):\n"
+              "    def forward(self, **inputs):\n"
+              "        print('working on it')\n"
+              "        return dspy.Prediction(result=inputs['value'] + 22, note='said \"so\"')\n")
+    program = dspy.Flex(Signature, interpreter_factory=SandboxInterpreterFactory(bwrap()))
+    program._bind_code(module)
+    prediction = program(value=20)
+    assert (prediction.result, prediction.note) == (42, 'said "so"')
 
 
 def test_trailing_values_come_back_as_values(interp):
@@ -135,3 +155,15 @@ def test_the_run_deadline_cuts_a_cell_waiting_on_the_host():
     finally:
         released.set()
         interpreter.shutdown()
+
+
+def test_changed_builtins_are_renewed_after_the_cell():
+    with SandboxInterpreter(bwrap(), tools={"add": lambda a, b: a + b}) as interpreter:
+        out = interpreter.execute("__builtins__['len'] = None\nSUBMIT = None\nadd = None\nprint(len)")
+        assert out.startswith("None") and "__builtins__" in out
+        assert interpreter.execute("len([1])") == 1
+        assert interpreter.execute("add(19, 23)") == 42
+        assert interpreter.execute("SUBMIT(42)").output == {"output": 42}
+        assert interpreter.execute("del __builtins__\nlen('ab')") == 2
+        assert interpreter.execute("__builtins__['len'] = None\n'changed'") == "changed"
+        assert interpreter.execute("len('abc')") == 3  # renewed: the server's own builtins were never touched

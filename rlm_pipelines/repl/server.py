@@ -421,8 +421,10 @@ class Worker:
         os.close(devnull)
         self.out = Capture(1, output_limit, marker)
         self.err = Capture(2, output_limit, marker)
-        self.namespace = {"__name__": "__main__", "__builtins__": builtins}
-        self.scaffold = {"__builtins__": builtins}  # name -> object put back after every cell
+        self.builtins = dict(vars(builtins))  # pristine: cells get a copy, renewed after a cell changes it
+        self.cell_builtins = dict(self.builtins)
+        self.namespace = {"__name__": "__main__", "__builtins__": self.cell_builtins}
+        self.scaffold = {}  # name -> object the REPL provides, put back after every cell
         self.tool_names = set()
         self.submit_fields = None
         self.commands = queue.Queue()
@@ -549,7 +551,7 @@ class Worker:
             _check_name(spec["name"])
             self.namespace[spec["name"]] = self._make_tool(spec["name"], spec.get("params"), spec.get("doc"))
         self.submit_fields = message.get("submit_fields")
-        self.scaffold = {"__builtins__": builtins, "SUBMIT": self._submit}
+        self.scaffold = {"SUBMIT": self._submit}
         if message.get("final"):
             self.scaffold.update(FINAL=self._final, FINAL_VAR=self._final_var)
         else:
@@ -559,11 +561,14 @@ class Worker:
         self.namespace.update(self.scaffold)
 
     def _restore_scaffold(self):
-        """Put back the names the REPL provides (SUBMIT, FINAL, the host functions, `__builtins__`) that a
-        cell rebound or deleted, as dspy's interpreters do, so `SUBMIT = None` in one cell cannot break the
-        next; the names put back, for a note in the cell's stderr."""
+        """Put back the names the REPL provides (SUBMIT, FINAL, the host functions, the builtins) that a
+        cell rebound, deleted or changed, as dspy's interpreters do, so `SUBMIT = None` in one cell cannot
+        break the next; the names put back, for a note in the cell's stderr."""
         restored = [name for name, obj in self.scaffold.items() if self.namespace.get(name) is not obj]
         self.namespace.update(self.scaffold)
+        if self.namespace.get("__builtins__") is not self.cell_builtins or self.cell_builtins != self.builtins:
+            self.cell_builtins = self.namespace["__builtins__"] = dict(self.builtins)
+            restored.append("__builtins__")
         return restored
 
     def set_vars(self, message):
