@@ -160,7 +160,7 @@ def test_the_run_deadline_cuts_a_cell_waiting_on_the_host():
 def test_changed_builtins_are_renewed_after_the_cell():
     with SandboxInterpreter(bwrap(), tools={"add": lambda a, b: a + b}) as interpreter:
         out = interpreter.execute("__builtins__['len'] = None\nSUBMIT = None\nadd = None\nprint(len)")
-        assert out.startswith("None") and "__builtins__" in out
+        assert out.startswith("None") and "SUBMIT, add: provided by the REPL" in out
         assert interpreter.execute("len([1])") == 1
         assert interpreter.execute("add(19, 23)") == 42
         assert interpreter.execute("SUBMIT(42)").output == {"output": 42}

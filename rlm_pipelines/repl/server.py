@@ -421,7 +421,7 @@ class Worker:
         os.close(devnull)
         self.out = Capture(1, output_limit, marker)
         self.err = Capture(2, output_limit, marker)
-        self.builtins = dict(vars(builtins))  # pristine: cells get a copy, renewed after a cell changes it
+        self.builtins = dict(vars(builtins))  # pristine: cells get a copy, renewed after every cell
         self.cell_builtins = dict(self.builtins)
         self.namespace = {"__name__": "__main__", "__builtins__": self.cell_builtins}
         self.scaffold = {}  # name -> object the REPL provides, put back after every cell
@@ -566,9 +566,9 @@ class Worker:
         break the next; the names put back, for a note in the cell's stderr."""
         restored = [name for name, obj in self.scaffold.items() if self.namespace.get(name) is not obj]
         self.namespace.update(self.scaffold)
-        if self.namespace.get("__builtins__") is not self.cell_builtins or self.cell_builtins != self.builtins:
-            self.cell_builtins = self.namespace["__builtins__"] = dict(self.builtins)
+        if self.namespace.get("__builtins__") is not self.cell_builtins:
             restored.append("__builtins__")
+        self.cell_builtins = self.namespace["__builtins__"] = dict(self.builtins)  # a copy: 2 us, a check costs more
         return restored
 
     def set_vars(self, message):

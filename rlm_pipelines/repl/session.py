@@ -319,15 +319,17 @@ class ReplSession:
             result.notice = notice
             return result
 
-    def _wait(self, future: Future, timeout: float, deadline: Optional[float]) -> dict[str, Any]:
+    def _wait(self, future: Future, timeout: float, hard: float) -> dict[str, Any]:
+        """The cell's result; FutureTimeout after `timeout` without a host call pending, or at `hard`
+        (time.monotonic(): the cell's ceiling or the run's deadline), whatever is pending."""
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            left = hard - time.monotonic()
+            if left <= 0:
                 raise FutureTimeout
             try:
-                return future.result(timeout=timeout if left is None else min(timeout, left))
+                return future.result(timeout=min(timeout, left))
             except FutureTimeout:
-                if self._inflight == 0 or (deadline is not None and time.monotonic() >= deadline):
+                if self._inflight == 0 or time.monotonic() >= hard:
                     raise
 
     def _limit(self, timeout: float, ceiling: float, deadline: Optional[float]) -> str:
