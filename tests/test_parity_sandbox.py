@@ -167,3 +167,15 @@ def test_changed_builtins_are_renewed_after_the_cell():
         assert interpreter.execute("del __builtins__\nlen('ab')") == 2
         assert interpreter.execute("__builtins__['len'] = None\n'changed'") == "changed"
         assert interpreter.execute("len('abc')") == 3  # renewed: the server's own builtins were never touched
+
+
+def test_a_trailing_value_over_the_message_limit_is_cut_not_an_error():
+    with LocalSandbox(bwrap(max_message_mb=1)) as box, box.open_repl() as repl:
+        text = repl.execute("'x' * 3_000_000 + 'END'")
+        assert text.error is None
+        assert "over the 1 MB limit of one message (sandbox.repl.max_message_mb)" in text.value
+        assert text.value.startswith("xxx") and text.value.endswith("END")
+        numbers = repl.execute("list(range(400_000))")  # about 3 MB as JSON: shown by its repr alone
+        assert numbers.error is None and numbers.value.startswith("[0, 1, 2") and len(numbers.value) < 11_000
+        assert numbers.data == numbers.value
+        assert repl.execute("list(range(3))").data == [0, 1, 2]
