@@ -22,6 +22,9 @@ class ReplConfig:
 
     # Per-cell wall-clock limit; at the limit the cell gets KeyboardInterrupt (namespace kept).
     cell_timeout_s: float = 120.0
+    # Absolute per-cell limit: waiting on host functions (llm_query, rlm_query, tools) extends a cell's
+    # `cell_timeout_s`, never this; at it the cell is interrupted like at its timeout.
+    cell_ceiling_s: float = 1800.0
     # After the interrupt, how long a cell may take to stop before the REPL process is killed (state lost).
     kill_grace_s: float = 2.0
     # Captured stdout and stderr are each cut to this many characters (head and tail kept, a marker says
@@ -253,7 +256,8 @@ RANGES: dict[str, Range] = {
     "limits.result_truncation_limit": AT_LEAST_1, "limits.history_chars": AT_LEAST_1,
     "limits.max_input_mb": ABOVE_0, "limits.max_patch_mb": ABOVE_0, "limits.max_record_mb": ABOVE_0,
     "orchestration.retries": Range(0, 20), "orchestration.retry_delay_s": AT_LEAST_0,
-    "sandbox.repl.cell_timeout_s": ABOVE_0, "sandbox.repl.kill_grace_s": AT_LEAST_0,
+    "sandbox.repl.cell_timeout_s": ABOVE_0, "sandbox.repl.cell_ceiling_s": ABOVE_0,
+    "sandbox.repl.kill_grace_s": AT_LEAST_0,
     "sandbox.repl.output_limit_chars": AT_LEAST_1, "sandbox.repl.host_workers": AT_LEAST_1,
     "sandbox.repl.start_timeout_s": ABOVE_0, "sandbox.repl.max_message_mb": AT_LEAST_1,
     # local: the REPL server itself needs about 64 MB and a few threads to start

@@ -31,7 +31,7 @@ def test_satisfies_dspy_protocol_and_factory_contract(interp):
 
 def test_state_kept_and_typed_submit(interp):
     assert interp.execute("x = 20\nprint('set')") == "set"
-    assert interp.execute("x + 1") == "21"  # a trailing expression is shown like a REPL
+    assert interp.execute("x + 1") == 21  # a trailing expression comes back as its value, as in dspy
     out = interp.execute("SUBMIT(answer='done', count=x)")
     assert out == FinalOutput({"answer": "done", "count": 20})
 
@@ -60,7 +60,7 @@ def test_model_mistakes_are_recoverable_errors(interp):
     interp.execute("kept = 1")
     with pytest.raises(CodeExecutionError, match="TimeoutError"):
         interp.execute("while True: pass")  # cell_timeout_s=5 in the fixture
-    assert interp.execute("kept") == "1"
+    assert interp.execute("kept") == 1
 
 
 def test_empty_code_gets_a_clear_observation(interp):
@@ -79,7 +79,7 @@ def test_inputs_cross_once_and_resend_only_when_changed(interp):
         interp.execute("n = len(book) + len(chapters)", {"book": book, "chapters": chapters})
     assert sent == [["book", "chapters"]]
     chapters.append("three")  # mutated in place: must be sent again
-    assert interp.execute("len(chapters)", {"book": book, "chapters": chapters}) == "3"
+    assert interp.execute("len(chapters)", {"book": book, "chapters": chapters}) == 3
     assert sent[-1] == ["chapters"]
 
 

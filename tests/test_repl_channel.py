@@ -120,7 +120,7 @@ def test_cell_code_finds_no_way_to_the_host_channel(repl):
     assert "FORGED" not in result.stdout
     assert result.stdout.startswith("wrote 0 tried"), result.stdout  # nothing writable was found
     assert repl.calls == []
-    assert repl.execute("spy('real')").value == "'spied'"
+    assert repl.execute("spy('real')").value == "spied"
     assert repl.calls == ["real"]
 
 
@@ -173,7 +173,7 @@ def test_an_oversize_host_call_or_final_value_is_a_clear_error_in_the_cell(repl)
     final = repl.execute("keep = 1\nFINAL('y' * 20_000_000)")
     assert final.final is None
     assert "sandbox.repl.max_message_mb" in final.error.message
-    assert repl.execute("llm_query('small')").value == "'spied'"
+    assert repl.execute("llm_query('small')").value == "spied"
     assert repl.execute("keep").value == "1"  # the same REPL, not a restarted one
     assert repl.calls == ["small"]
 

@@ -160,6 +160,8 @@ class SandboxInterpreter:
             if result.error.type == "SyntaxError":
                 raise SyntaxError(result.output())
             raise CodeExecutionError(result.output())
+        if result.value is not None and not result.notice:  # as dspy's interpreters: the value, else the prints
+            return result.data
         return result.output() or None
 
     def _check_deadline(self) -> None:

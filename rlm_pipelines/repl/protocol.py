@@ -17,7 +17,9 @@ sandbox -> host
     hello     {type, pid, python}                    the server is up
     call      {type, call_id, name, args, kwargs}    sandbox code called a host function
     result    {type, id, stdout, stderr, error:{type, message, traceback}|null,
-               final:{kind, value}|null, value: repr|null, duration_s}
+               final:{kind, value}|null, value: text|null, data: JSON|null, duration_s}
+                                                     value/data: the cell's trailing expression (see
+                                                     CellResult.value / .data)
     exit      {type, reason}                         the server found a protocol violation and goes down
 
 Bounds and text (both directions): no frame may exceed `sandbox.repl.max_message_mb` (plus `SLACK` for the
@@ -98,7 +100,12 @@ class CellResult:
     stderr: str = ""
     error: Optional[CellError] = None
     final: Optional[dict[str, Any]] = None
-    value: Optional[str] = None  # repr of the cell's last expression, when it is not None
+    # The cell's trailing expression, when it is not None, as the model is shown it: a str as the string
+    # itself, anything else as its repr (cut at 10,000 characters).
+    value: Optional[str] = None
+    # The same value as data, the way dspy's interpreters return it: a JSON-compatible value as itself (a
+    # str as the string), anything else as its repr text. None when the cell has no trailing value.
+    data: Any = None
     duration_s: float = 0.0
     notice: str = ""  # host-side note, e.g. "the REPL was restarted, state was lost"
 
@@ -108,12 +115,14 @@ class CellResult:
         replaced, so a broken frame can never raise in the host."""
         error, final = message.get("error"), message.get("final")
         duration = message.get("duration_s")
+        value = _text(message.get("value")) if message.get("value") is not None else None
         return cls(
             stdout=_text(message.get("stdout")),
             stderr=_text(message.get("stderr")),
             error=_error(error) if error else None,
             final=final if isinstance(final, dict) else None,
-            value=_text(message.get("value")) if message.get("value") is not None else None,
+            value=value,
+            data=message.get("data") if message.get("data") is not None else value,
             duration_s=float(duration) if isinstance(duration, (int, float)) else 0.0,
         )
 
@@ -122,11 +131,12 @@ class CellResult:
         return self.error is None
 
     def output(self) -> str:
-        """Everything the model should see from this cell, in reading order."""
+        """Everything the model should see from this cell, in reading order: printed output, then the
+        trailing value's text (as in a notebook), then the error."""
         parts = [self.notice, self.stdout]
         if self.stderr:
             parts.append(self.stderr)
-        if self.value is not None and not self.stdout:
+        if self.value is not None:
             parts.append(self.value)
         if self.error is not None:
             parts.append(str(self.error))

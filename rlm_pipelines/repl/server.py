@@ -421,7 +421,10 @@ class Worker:
         os.close(devnull)
         self.out = Capture(1, output_limit, marker)
         self.err = Capture(2, output_limit, marker)
-        self.namespace = {"__name__": "__main__", "__builtins__": builtins}
+        self.builtins = dict(vars(builtins))  # pristine: cells get a copy, renewed after every cell
+        self.cell_builtins = dict(self.builtins)
+        self.namespace = {"__name__": "__main__", "__builtins__": self.cell_builtins}
+        self.scaffold = {}  # name -> object the REPL provides, put back after every cell
         self.tool_names = set()
         self.submit_fields = None
         self.commands = queue.Queue()
@@ -548,10 +551,25 @@ class Worker:
             _check_name(spec["name"])
             self.namespace[spec["name"]] = self._make_tool(spec["name"], spec.get("params"), spec.get("doc"))
         self.submit_fields = message.get("submit_fields")
-        self.namespace["SUBMIT"] = self._submit
+        self.scaffold = {"SUBMIT": self._submit}
         if message.get("final"):
-            self.namespace["FINAL"] = self._final
-            self.namespace["FINAL_VAR"] = self._final_var
+            self.scaffold.update(FINAL=self._final, FINAL_VAR=self._final_var)
+        else:
+            for name in ("FINAL", "FINAL_VAR"):
+                self.namespace.pop(name, None)
+        self.scaffold.update((name, self.namespace[name]) for name in self.tool_names)
+        self.namespace.update(self.scaffold)
+
+    def _restore_scaffold(self):
+        """Put back the names the REPL provides (SUBMIT, FINAL, the host functions, the builtins) that a
+        cell rebound, deleted or changed, as dspy's interpreters do, so `SUBMIT = None` in one cell cannot
+        break the next; the names put back, for a note in the cell's stderr."""
+        restored = [name for name, obj in self.scaffold.items() if self.namespace.get(name) is not obj]
+        self.namespace.update(self.scaffold)
+        if self.namespace.get("__builtins__") is not self.cell_builtins:
+            restored.append("__builtins__")
+        self.cell_builtins = self.namespace["__builtins__"] = dict(self.builtins)  # a copy: 2 us, a check costs more
+        return restored
 
     def set_vars(self, message):
         variables = message.get("vars") or {}
@@ -569,7 +587,7 @@ class Worker:
         code = message.get("code", "")
         filename = "<cell-%d>" % next(self.cells)
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        error = final = value = None
+        error = final = value = data = None
         for capture in (self.out, self.err):
             capture.begin()
         self.running = message.get("id")
@@ -586,7 +604,7 @@ class Worker:
             finally:
                 self.in_cell = False
             if result is not None:
-                value = _short_repr(result)
+                value, data = _trailing(result)
         except _Stop as stop:
             final = {"kind": stop.kind, "value": stop.value}
         except SyntaxError as exc:
@@ -604,18 +622,34 @@ class Worker:
             except Exception:
                 pass
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        return self._bounded({"stdout": self.out.end(), "stderr": self.err.end(), "error": error,
-                              "final": final, "value": value, "duration_s": duration})
+        restored = self._restore_scaffold()
+        stderr = self.err.end()
+        if restored:
+            stderr += ("[%s: provided by the REPL, put back after this cell; use other names for your own "
+                       "values]\n" % ", ".join(sorted(restored)))
+        return self._bounded({"stdout": self.out.end(), "stderr": stderr, "error": error,
+                              "final": final, "value": value, "data": data, "duration_s": duration})
 
     def _bounded(self, result):
-        """A result that fits one message: a final value over the limit becomes an error naming it."""
+        """A result that fits one message. A trailing value over the limit is shown by its cut text alone;
+        a final value over the limit becomes an error naming the setting."""
         size = len(encode(result))
         if size <= self.max_frame:
             return result
+        if result["data"] is not None or result["value"] is not None:
+            text = result["value"] or ""
+            result["data"] = None
+            if len(encode(result)) > self.max_frame:
+                result["value"] = (text[: self.max_frame // 32] + "\n... [the value is over the %g MB limit of one "
+                                   "message (%s): cut] ...\n" % (self.max_frame / (1 << 20), SETTING)
+                                   + text[-self.max_frame // 32:])
+            size = len(encode(result))
+            if size <= self.max_frame:
+                return result
         limit = self.max_frame / (1 << 20)
         message = ("the cell's final value is %.1f MB, over the %g MB limit of one message (%s); write it to a "
                    "file or return less" % (size / (1 << 20), limit, SETTING))
-        result.update(final=None, value=None, error={"type": "ValueError", "message": message,
+        result.update(final=None, value=None, data=None, error={"type": "ValueError", "message": message,
                                                      "traceback": "ValueError: %s\n" % message})
         for key in ("stdout", "stderr"):  # only when output_limit_chars is set above the message limit
             if len(encode(result)) > self.max_frame:
@@ -830,7 +864,7 @@ def _is_json(value):
     try:
         json.dumps(value, allow_nan=False)
         return True
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
 
 
@@ -840,6 +874,15 @@ def _check_json(what, value):
     except (TypeError, ValueError) as exc:
         raise TypeError("%s values must be JSON-compatible (str, int, float, bool, list, dict, None): %s"
                         % (what, exc)) from None
+
+
+def _trailing(value):
+    """A cell's trailing value as (text, data): what the model is shown (a str as itself, anything else as
+    its repr, cut at 10,000 characters) and, for a JSON-compatible value that is not a str, the value
+    itself (else None), as dspy's interpreters return it."""
+    if isinstance(value, str):
+        return value, None
+    return _short_repr(value), value if _is_json(value) else None
 
 
 def _short_repr(value, limit=10_000):

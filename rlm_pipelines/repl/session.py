@@ -14,7 +14,8 @@ waiter a message is for.
 Timeouts: at `cell_timeout_s` the cell is interrupted (KeyboardInterrupt inside, namespace kept); if it has
 not stopped `kill_grace_s` later the server is killed. The state is then lost, and the session says so: the
 killed cell's result explains it, and the next cell runs in a fresh server with the registered tools and the
-injected inputs restored and a notice at the top of its output.
+injected inputs restored and a notice at the top of its output. Waiting on host calls extends
+`cell_timeout_s`, but never past `cell_ceiling_s` from the cell's start nor past the run's deadline.
 
 Bounds (`max_message_mb`): no frame from the server is held past the limit; a server that sends a longer
 or undecodable one, or announces its exit, is stopped and handled like a dead one (the reason in the cell's
@@ -286,7 +287,8 @@ class ReplSession:
         be started at all.
 
         `timeout_s` bounds the cell's own work: while the cell waits on a host call (a sub-agent, say) its
-        limit is extended. `deadline` (time.monotonic()) is absolute and never extended: the run's end."""
+        limit is extended, up to `cell_ceiling_s` from its start. `deadline` (time.monotonic()) is absolute
+        and never extended: the run's end."""
         timeout = self.config.cell_timeout_s if timeout_s is None else timeout_s
         size = len(json.dumps(code))  # as it travels: ASCII JSON
         if size > self._max_bytes:  # the server would refuse the frame, and the REPL with it
@@ -301,11 +303,14 @@ class ReplSession:
             self._cell_context = contextvars.copy_context()
             cell_id = next(self._ids)
             conn = self._conn
+            started = time.monotonic()
+            ceiling = started + self.config.cell_ceiling_s
+            hard = ceiling if deadline is None else min(deadline, ceiling)
             future = conn.request({"type": "exec", "id": cell_id, "code": code})
             try:
-                result = CellResult.from_message(self._wait(future, timeout, deadline))
+                result = CellResult.from_message(self._wait(future, timeout, hard))
             except FutureTimeout:
-                result = self._stop_overdue(conn, cell_id, future, timeout)
+                result = self._stop_overdue(conn, cell_id, future, self._limit(timeout, ceiling, deadline), started)
             except ReplDied as exc:
                 stopped = self.sandbox_notices()
                 why = f"{stopped} ({exc})" if stopped else str(exc)
@@ -316,35 +321,47 @@ class ReplSession:
             result.notice = notice
             return result
 
-    def _wait(self, future: Future, timeout: float, deadline: Optional[float]) -> dict[str, Any]:
+    def _wait(self, future: Future, timeout: float, hard: float) -> dict[str, Any]:
+        """The cell's result; FutureTimeout after `timeout` without a host call pending, or at `hard`
+        (time.monotonic(): the cell's ceiling or the run's deadline), whatever is pending."""
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            left = hard - time.monotonic()
+            if left <= 0:
                 raise FutureTimeout
             try:
-                return future.result(timeout=timeout if left is None else min(timeout, left))
+                return future.result(timeout=min(timeout, left))
             except FutureTimeout:
-                if self._inflight == 0 or (deadline is not None and time.monotonic() >= deadline):
+                if self._inflight == 0 or time.monotonic() >= hard:
                     raise
 
-    def _stop_overdue(self, conn: _Connection, cell_id: int, future: Future, timeout: float) -> CellResult:
+    def _limit(self, timeout: float, ceiling: float, deadline: Optional[float]) -> str:
+        """Which limit an overdue cell ran past, named so the model (and the user) knows which setting."""
+        now = time.monotonic()
+        if deadline is not None and now >= deadline and deadline <= ceiling:
+            return "the run's deadline (limits.wall_time_s)"
+        if now >= ceiling:
+            return (f"its {self.config.cell_ceiling_s:g} s ceiling (sandbox.repl.cell_ceiling_s; waiting on host "
+                    f"functions does not extend it)")
+        return f"its {timeout:g} s limit (sandbox.repl.cell_timeout_s)"
+
+    def _stop_overdue(self, conn: _Connection, cell_id: int, future: Future, limit: str,
+                      started: float) -> CellResult:
         conn.send({"type": "interrupt", "id": cell_id})
         grace = self.config.kill_grace_s
         try:
             result = CellResult.from_message(future.result(timeout=grace))
         except (FutureTimeout, ReplDied):
             conn.kill()
-            self._lost = (f"[The REPL was restarted: the previous cell ran past its {timeout:g} s limit and "
-                          f"ignored the interrupt, so the REPL was killed. Variables and imports from earlier "
-                          f"cells are lost; the inputs were injected again.]")
+            self._lost = (f"[The REPL was restarted: the previous cell ran past {limit} and ignored the "
+                          f"interrupt, so the REPL was killed. Variables and imports from earlier cells are lost; "
+                          f"the inputs were injected again.]")
             return CellResult(error=CellError(
                 "TimeoutError",
-                f"the cell ran past its {timeout:g} s limit and ignored the interrupt for {grace:g} s, so the "
-                f"REPL process was killed: ALL state (variables, imports, functions) is lost. The next cell "
-                f"runs in a fresh REPL with the inputs injected again."), duration_s=timeout + grace)
+                f"the cell ran past {limit} and ignored the interrupt for {grace:g} s, so the REPL process was "
+                f"killed: ALL state (variables, imports, functions) is lost. The next cell runs in a fresh REPL "
+                f"with the inputs injected again."), duration_s=time.monotonic() - started)
         if result.error is not None and result.error.type == "KeyboardInterrupt":
-            message = (f"the cell ran past its {timeout:g} s limit and was interrupted; variables defined so "
-                       f"far are kept")
+            message = f"the cell ran past {limit} and was interrupted; variables defined so far are kept"
             where = result.error.traceback.rstrip("\n").rpartition("\n")[0]  # drop "KeyboardInterrupt: ..."
             result.error = CellError("TimeoutError", message, f"{where}\nTimeoutError: {message}\n".lstrip())
         return result
