@@ -4,7 +4,6 @@ the small ones: a document run's root result, the final console line."""
 
 import errno
 import json
-import os
 import re
 import signal
 import subprocess
