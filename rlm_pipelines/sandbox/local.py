@@ -20,8 +20,10 @@ makes the process limit - and fork-bomb containment - real.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
+import marshal
 import os
 import platform
 import select
@@ -56,6 +58,7 @@ ETC_FILES = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "local
              "ssl", "ca-certificates", "mime.types")
 ETC_NETWORK = ("resolv.conf", "hosts", "gai.conf")
 OUTPUT_CAP = 8 * 1024 * 1024  # run() output kept in host memory, at most
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 class LocalSandbox(BaseSandbox):
@@ -115,6 +118,9 @@ class LocalSandbox(BaseSandbox):
         (root / "etc" / "group").write_text(f"root:x:0:\nsandbox:x:{user}:\nnogroup:x:65534:\n")
         # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
         (root / "etc" / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
+        if self.config.python is None:  # our own interpreter: it can run our compiled server (see open_repl)
+            inside = str(SERVER_PATH) if self.isolation == "none" else "/.rlm/server.py"
+            (root / "etc" / "server.pyc").write_bytes(_compiled_server(inside, SERVER_PATH.stat().st_mtime_ns))
         program = limits.userns_filter()
         if program is not None:
             (root / "etc" / "seccomp.bpf").write_bytes(program)
@@ -230,13 +236,14 @@ class LocalSandbox(BaseSandbox):
         `limits.userns_filter` program to read)."""
         cfg, root = self.config, self._require_root()
         nproc = cfg.max_processes if os.geteuid() == 0 else _user_processes() + cfg.max_processes
-        argv = ["prlimit", f"--as={cfg.memory_mb << 20}", f"--cpu={cfg.cpu_seconds}",
+        argv = [_program("prlimit"), f"--as={cfg.memory_mb << 20}", f"--cpu={cfg.cpu_seconds}",
                 f"--fsize={min(cfg.file_size_mb, cfg.disk_mb) << 20}", f"--nproc={nproc}", "--core=0", "--"]
         env = _environment(cfg, self.workdir, self._tmpdir())
         if self.isolation == "none":
-            return argv + ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *command]
-        argv += ["bwrap", "--info-fd", str(info_fd), "--die-with-parent", "--new-session", "--unshare-ipc",
-                 "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--clearenv"]
+            return argv + [_program("env"), "-i", *(f"{k}={v}" for k, v in env.items()), *command]
+        argv += [_program("bwrap"), "--info-fd", str(info_fd), "--die-with-parent", "--new-session",
+                 "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
+                 "--clearenv"]
         if not cfg.network:
             argv.append("--unshare-net")
         if self._uid is None:  # unprivileged host: a user namespace maps our own uid, and no more are made in it
@@ -255,6 +262,7 @@ class LocalSandbox(BaseSandbox):
         for prefix in sorted(prefixes | ({str(venv)} if (venv / "pyvenv.cfg").is_file() else set())):
             argv += [*_open_folders(prefix, "/tmp"), "--ro-bind", prefix, prefix]
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
+                 "--ro-bind-try", str(root / "etc" / "server.pyc"), "/.rlm/server.pyc",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
@@ -266,7 +274,8 @@ class LocalSandbox(BaseSandbox):
             argv += ["--setenv", key, value]
         argv.append("--")
         if self._uid is not None:
-            argv += ["setpriv", f"--reuid={self._uid}", f"--regid={self._uid}", "--clear-groups", "--"]
+            argv += [_program("setpriv", SANDBOX_PATH), f"--reuid={self._uid}", f"--regid={self._uid}",
+                     "--clear-groups", "--"]
         return argv + list(command)
 
     def _popen(self, command: Sequence[str], cwd: Optional[str] = None, pass_fds: tuple[int, ...] = (),
@@ -326,6 +335,9 @@ class LocalSandbox(BaseSandbox):
     def open_repl(self) -> ReplSession:
         self.start()
         server = str(SERVER_PATH) if self.isolation == "none" else "/.rlm/server.py"
+        if (self._require_root() / "etc" / "server.pyc").exists():
+            server = str(self._require_root() / "etc" / "server.pyc") if self.isolation == "none" else \
+                "/.rlm/server.pyc"
         args = ["--output-limit", str(self.config.repl.output_limit_chars),
                 "--max-frame-mb", str(self.config.repl.max_message_mb)]
 
@@ -477,8 +489,26 @@ class LocalSandbox(BaseSandbox):
         return self.config.python or sys.executable
 
 
+@lru_cache(maxsize=None)
+def _program(name: str, path: Optional[str] = None) -> str:
+    """The full path of a program on `path` (the host's PATH by default), looked up once: each start would
+    otherwise try every folder of PATH in turn (milliseconds with long PATHs)."""
+    return shutil.which(name, path=path) or name
+
+
+@lru_cache(maxsize=4)
+def _compiled_server(inside: str, mtime_ns: int) -> bytes:
+    """server.py compiled for this interpreter (a .pyc that names `inside` as its source). Python compiles a
+    script it runs on every start, never caching it: 8 ms of each REPL start for server.py. A .pyc runs as
+    a script as well; it is written on the host and bound read-only, so sandbox code cannot change it."""
+    source = SERVER_PATH.read_bytes()
+    code = compile(source, inside, "exec", dont_inherit=True)
+    header = importlib.util.MAGIC_NUMBER + (0b01).to_bytes(4, "little") + importlib.util.source_hash(source)
+    return header + marshal.dumps(code)
+
+
 def _environment(cfg: LocalSandboxConfig, workdir: str, tmpdir: str) -> dict[str, str]:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
+    env = {"PATH": SANDBOX_PATH, "HOME": workdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8",
            "GIT_AUTHOR_NAME": "rlm-agent", "GIT_AUTHOR_EMAIL": "agent@rlm.invalid",
            "GIT_COMMITTER_NAME": "rlm-agent", "GIT_COMMITTER_EMAIL": "agent@rlm.invalid"}
