@@ -685,6 +685,8 @@ class Broker:
         self.write_lock = threading.Lock()
 
     def serve(self):
+        # Hello at once: the worker sets up (and says its own hello, checked here) while the host gets ready.
+        self.channel.send({"type": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})
         threading.Thread(target=self._read_host, daemon=True).start()
         threading.Thread(target=self._wait_worker, daemon=True).start()
         watch = getattr(self.channel, "watch_host", None)
@@ -714,8 +716,8 @@ class Broker:
         kind = message.get("type") if isinstance(message, dict) else None
         if first != (kind == "hello"):
             raise Violation("the REPL sent %r where %s was due" % (kind, "hello" if first else "call or result"))
-        if kind == "hello":
-            return self.channel.send({"type": "hello", "pid": os.getpid(), "python": message.get("python")})
+        if kind == "hello":  # the host had ours already
+            return None
         if kind == "result":
             with self.lock:
                 host_id = self.commands.pop(message.get("id"), self)

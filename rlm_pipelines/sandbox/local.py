@@ -260,7 +260,8 @@ class LocalSandbox(BaseSandbox):
         venv = python.parent.parent  # a configured venv's own folder (its pyvenv.cfg), besides its base install
         prefixes = {sys.base_prefix, sys.prefix, str(python.resolve().parent.parent)}
         for prefix in sorted(prefixes | ({str(venv)} if (venv / "pyvenv.cfg").is_file() else set())):
-            argv += [*_open_folders(prefix, "/tmp"), "--ro-bind", prefix, prefix]
+            if prefix != "/usr" and not prefix.startswith("/usr/"):  # /usr is bound already; each mount costs
+                argv += [*_open_folders(prefix, "/tmp"), "--ro-bind", prefix, prefix]
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
                  "--ro-bind-try", str(root / "etc" / "server.pyc"), "/.rlm/server.pyc",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
