@@ -74,6 +74,7 @@ class LocalSandbox(BaseSandbox):
         self._uid: Optional[int] = None
         self._procs: set[subprocess.Popen] = set()
         self._watchdog: Optional[limits.Watchdog] = None
+        self._unwatched: Optional[limits.Watchdog] = None  # made, not yet started: no process yet
         self._frozen = False  # host_view() stopped its processes for good
 
     @classmethod
@@ -121,17 +122,16 @@ class LocalSandbox(BaseSandbox):
         if self.config.python is None:  # our own interpreter: it can run our compiled server (see open_repl)
             inside = str(SERVER_PATH) if self.isolation == "none" else "/.rlm/server.py"
             (root / "etc" / "server.pyc").write_bytes(_compiled_server(inside, SERVER_PATH.stat().st_mtime_ns))
-        program = limits.userns_filter()
+        program = _userns_filter()
         if program is not None:
             (root / "etc" / "seccomp.bpf").write_bytes(program)
         self.root = root
-        self._watchdog = self._new_watchdog(root)
-        self._watchdog.start()
+        self._watchdog = self._unwatched = self._new_watchdog(root)  # started with the first process (_popen)
 
     def _detach(self) -> tuple[set[subprocess.Popen], Optional[Path], Optional[limits.Watchdog]]:
         procs, self._procs = set(self._procs), set()
         root, self.root = self.root, None
-        watchdog, self._watchdog = self._watchdog, None
+        watchdog, self._watchdog, self._unwatched = self._watchdog, None, None
         return procs, root, watchdog
 
     def _release(self, resources: tuple[set[subprocess.Popen], Optional[Path], Optional[limits.Watchdog]]) -> None:
@@ -304,6 +304,9 @@ class LocalSandbox(BaseSandbox):
                 _kill(proc)
                 raise SandboxError(f"sandbox {self.id} was stopped")
             self._procs.add(proc)
+            watchdog, self._unwatched = self._unwatched, None
+        if watchdog is not None:  # starting a thread waits for it to run: meanwhile the process sets up
+            watchdog.start()
         return proc
 
     def _open_seccomp(self) -> Optional[int]:
@@ -488,6 +491,9 @@ class LocalSandbox(BaseSandbox):
 
     def _python(self) -> str:
         return self.config.python or sys.executable
+
+
+_userns_filter = lru_cache(maxsize=None)(limits.userns_filter)  # the same program for every sandbox
 
 
 @lru_cache(maxsize=None)
