@@ -161,7 +161,7 @@ def trials_for(peer: peers.Peer, quick: bool) -> dict[str, int]:
     slow = "Deno" in peer.name  # seconds per start: fewer of those trials, same counts otherwise
     if quick:
         return {"start": 3 if slow else 10, "warm": 50, "host_call": 10, "batch64": 3}
-    return {"start": 10 if slow else 30, "warm": 300, "host_call": 30, "batch64": 5}
+    return {"start": 10 if slow else 60, "warm": 300, "host_call": 30, "batch64": 5}
 
 
 def main() -> None:
