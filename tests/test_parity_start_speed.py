@@ -78,3 +78,18 @@ def test_a_wrong_server_command_line_is_explained(args, code, says):
     done = subprocess.run([sys.executable, "-I", SERVER_FILE, *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == code, done
     assert says in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+def test_the_repl_runs_under_the_sandbox_limits_it_sets_itself(isolation):
+    """The server sets the per-process limits before any cell (one process fewer to start than prlimit)."""
+    config = LocalSandboxConfig(isolation=isolation, memory_mb=700, cpu_seconds=123, file_size_mb=5, max_processes=40)
+    with LocalSandbox(config) as box:
+        repl = box.open_repl()
+        shown = repl.execute("import resource\nprint([resource.getrlimit(getattr(resource, 'RLIMIT_' + n)) "
+                             "for n in ('AS', 'CPU', 'FSIZE', 'CORE', 'NPROC')])").stdout
+        limits = eval(shown)
+        assert limits[:4] == [(700 << 20,) * 2, (123, 123), (5 << 20,) * 2, (0, 0)], shown
+        assert limits[4][0] == limits[4][1] >= 40
+        code, out = box.run("cat /proc/self/limits")  # commands keep prlimit, with the same figures
+        assert code == 0 and "Max address space" in out and str(700 << 20) in out, out

@@ -903,7 +903,8 @@ def _signature(params):
 
 # option -> (number of values, type, default); `_parser` describes the same options for errors and --help
 OPTIONS = {"--fds": (2, int, None), "--http": (1, int, None), "--secret-file": (1, str, None),
-           "--idle-exit": (1, float, 300.0), "--output-limit": (1, int, 100_000), "--max-frame-mb": (1, float, 8.0)}
+           "--idle-exit": (1, float, 300.0), "--output-limit": (1, int, 100_000), "--max-frame-mb": (1, float, 8.0),
+           "--rlimits": (1, str, None)}
 
 
 def _parser():
@@ -920,6 +921,8 @@ def _parser():
     parser.add_argument("--output-limit", type=int, default=100_000)
     parser.add_argument("--max-frame-mb", type=float, default=8.0, help="largest message either way, in MB "
                         "(%s)" % SETTING)
+    parser.add_argument("--rlimits", help="per-process limits to set first, e.g. as=1073741824,nproc=64 "
+                        "(prlimit's names)")
     return parser
 
 
@@ -948,6 +951,8 @@ def main(argv=None):
     max_frame = int(args.max_frame_mb * (1 << 20))
     if args.http is not None and not args.secret_file:
         _parser().error("--http needs --secret-file")
+    if args.rlimits:
+        _set_rlimits(args.rlimits)
     _load_prctl()
     worker, to_worker, from_worker = start_worker(args.output_limit, max_frame)
     # From here on this process is the broker; no cell code has run yet.
@@ -961,6 +966,20 @@ def main(argv=None):
     else:
         channel = StdioChannel(*args.fds)
     Broker(channel, worker, to_worker, from_worker, max_frame).serve()
+
+
+def _set_rlimits(spec):
+    """Set the limits the host names (`as=N,cpu=N,...`) as soft and hard limits, before any cell code can
+    run: what prlimit would set, without a process of its own. Never above a hard limit already in place;
+    a name or value that cannot be set ends the server (never run without them)."""
+    import resource
+
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        kind = getattr(resource, "RLIMIT_" + name.upper())
+        hard = resource.getrlimit(kind)[1]
+        limit = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
+        resource.setrlimit(kind, (limit, limit))
 
 
 def start_worker(output_limit, max_frame):

@@ -230,14 +230,21 @@ class LocalSandbox(BaseSandbox):
 
     # -- processes
 
-    def _argv(self, command: Sequence[str], cwd: Optional[str] = None, info_fd: Optional[int] = None,
-              seccomp_fd: Optional[int] = None) -> list[str]:
-        """The full host command line that runs `command` inside this sandbox (`seccomp_fd`: the
-        `limits.userns_filter` program to read)."""
-        cfg, root = self.config, self._require_root()
+    def _rlimits(self) -> dict[str, int]:
+        """The per-process limits every sandbox process starts under, by prlimit's names."""
+        cfg = self.config
         nproc = cfg.max_processes if os.geteuid() == 0 else _user_processes() + cfg.max_processes
-        argv = [_program("prlimit"), f"--as={cfg.memory_mb << 20}", f"--cpu={cfg.cpu_seconds}",
-                f"--fsize={min(cfg.file_size_mb, cfg.disk_mb) << 20}", f"--nproc={nproc}", "--core=0", "--"]
+        return {"as": cfg.memory_mb << 20, "cpu": cfg.cpu_seconds, "fsize": min(cfg.file_size_mb, cfg.disk_mb) << 20,
+                "nproc": nproc, "core": 0}
+
+    def _argv(self, command: Sequence[str], cwd: Optional[str] = None, info_fd: Optional[int] = None,
+              seccomp_fd: Optional[int] = None, prlimit: bool = True) -> list[str]:
+        """The full host command line that runs `command` inside this sandbox (`seccomp_fd`: the
+        `limits.userns_filter` program to read). Without `prlimit` the command sets `_rlimits()` itself
+        before it runs anything of the sandbox's (the REPL server does: one process fewer to start)."""
+        cfg, root = self.config, self._require_root()
+        argv = [_program("prlimit"), *(f"--{name}={value}" for name, value in self._rlimits().items()), "--"] \
+            if prlimit else []
         env = _environment(cfg, self.workdir, self._tmpdir())
         if self.isolation == "none":
             return argv + [_program("env"), "-i", *(f"{k}={v}" for k, v in env.items()), *command]
@@ -280,7 +287,7 @@ class LocalSandbox(BaseSandbox):
         return argv + list(command)
 
     def _popen(self, command: Sequence[str], cwd: Optional[str] = None, pass_fds: tuple[int, ...] = (),
-               **kwargs) -> subprocess.Popen:
+               prlimit: bool = True, **kwargs) -> subprocess.Popen:
         host_cwd = self._host_path(cwd or ".") if self.isolation == "none" else None
         # bwrap tells the host pid of the namespace's first process on this pipe: `_kill` waits for it,
         # so that "stopped" means every process in the namespace is gone, not just bwrap.
@@ -288,7 +295,7 @@ class LocalSandbox(BaseSandbox):
         seccomp = self._open_seccomp()
         extra = tuple(fd for fd in (info_w, seccomp) if fd is not None)
         try:
-            proc = subprocess.Popen(self._argv(command, cwd, info_w, seccomp), cwd=host_cwd,
+            proc = subprocess.Popen(self._argv(command, cwd, info_w, seccomp, prlimit), cwd=host_cwd,
                                     pass_fds=pass_fds + extra, start_new_session=True, stdin=subprocess.DEVNULL,
                                     **kwargs)
         except OSError as exc:
@@ -347,8 +354,9 @@ class LocalSandbox(BaseSandbox):
 
         def spawn() -> StdioTransport:
             def start(server_args: list[str], fds: tuple[int, int]) -> subprocess.Popen:
-                return self._popen([self._python(), "-I", server, *server_args], pass_fds=fds,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                limits = ",".join(f"{name}={value}" for name, value in self._rlimits().items())
+                return self._popen([self._python(), "-I", server, "--rlimits", limits, *server_args], pass_fds=fds,
+                                   prlimit=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             return StdioTransport(start, args, kill=_kill)
 
         def stage(name: str, data: bytes) -> str:
