@@ -7,7 +7,8 @@ Peers: our local sandbox (bubblewrap), the same without isolation, dspy's LocalI
 subprocess), dspy's PythonInterpreter (Deno + Pyodide; see peers.py). Every peer runs the same code through
 the dspy CodeInterpreter protocol, the way dspy.RLM drives it. A peer that cannot start is skipped with the
 reason. Prints p50/p95 per figure, our ratio to each peer and the DESIGN targets; writes
-benchmarks/results/interpreters.json.
+benchmarks/results/interpreters.json. Start and warm-cell trials are taken in turns across the peers, so a
+change of load on a shared machine falls on every peer alike.
 """
 
 from __future__ import annotations
@@ -62,41 +63,92 @@ def timed(function: Callable[[], Any]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def measure(peer: peers.Peer, trials: dict[str, int]) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {k: [] for k in TARGETS_MS}
-    for _ in range(trials["start"]):
-        made: list[Any] = []
+def start_once(peer: peers.Peer) -> float:
+    """One start trial: a new interpreter to its first result (shut down outside the timing)."""
+    made: list[Any] = []
 
-        def first(made: list[Any] = made) -> None:
-            made.append(peer.make({}))
-            assert made[0].execute("print(6*7)").strip() == "42"
+    def first() -> None:
+        made.append(peer.make({}))
+        assert made[0].execute("print(6*7)").strip() == "42"
 
-        try:
-            figures["start"].append(timed(first))
-        finally:
-            if made:
-                made[0].shutdown()
-
-    interp = peer.make({"ping": ping, **peer.llm_tools(SlowLM())})
     try:
-        interp.execute("print(6*7)")  # starts it and registers the tools, outside the timings
-        assert interp.execute("print(ping())").strip() == "pong"
-        for _ in range(trials["warm"]):
-            figures["warm"].append(timed(lambda: interp.execute("print(6*7)")))
-        for _ in range(trials["host_call"]):
-            figures["host_call"].append(timed(lambda: interp.execute(f"for _ in range({HOST_CALLS}): ping()"))
-                                        / HOST_CALLS)
-        inputs = {"doc": ONE_MIB}
-        for _ in range(ITERATIONS):
-            figures["input_1mib"].append(timed(lambda: interp.execute("n = len(doc)", inputs)))
-        assert interp.execute("print(n)").strip() == str(len(ONE_MIB))
-        batch = (f"r = llm_query_batched([f'prompt {{i}}' for i in range({BATCH})])\n"
-                 f"assert len(r) == {BATCH} and r[0].startswith('answer'), r[:2]")
-        for _ in range(trials["batch64"]):
-            figures["batch64"].append(timed(lambda: interp.execute(batch)))
+        return timed(first)
     finally:
-        interp.shutdown()
+        if made:
+            made[0].shutdown()
+
+
+def round_robin(peers_: list[peers.Peer], counts: dict[str, int], trial: Callable[[peers.Peer], list[float]],
+                failed: dict[str, str]) -> dict[str, list[float]]:
+    """Trials taken in turns, one peer after the other, so a change of load on a shared machine falls on every
+    peer alike (measured one peer after the other, the ratios swung by half). A peer that fails is left out."""
+    figures: dict[str, list[float]] = {peer.name: [] for peer in peers_}
+    for turn in range(max(counts.values(), default=0)):
+        for peer in peers_:
+            if peer.name in failed or turn >= counts[peer.name]:
+                continue
+            try:
+                figures[peer.name] += trial(peer)
+            except Exception as exc:  # noqa: BLE001 - one broken peer must not hide the others
+                failed[peer.name] = f"failed while measured: {type(exc).__name__}: {str(exc)[:300]}"
+                print(f"SKIPPED {peer.name}: {failed[peer.name]}")
     return figures
+
+
+WARM_TURN = 10  # warm cells per turn of the round robin
+
+
+def measure_all(chosen: list[peers.Peer], quick: bool, failed: dict[str, str]) -> dict[str, dict[str, list[float]]]:
+    """Start and warm-cell trials in turns across the peers; the other figures one peer after the other."""
+    trials = {peer.name: trials_for(peer, quick) for peer in chosen}
+    figures: dict[str, dict[str, list[float]]] = {peer.name: {k: [] for k in TARGETS_MS} for peer in chosen}
+    print("start to first result, in turns ...", flush=True)
+    starts = round_robin(chosen, {n: t["start"] for n, t in trials.items()}, lambda p: [start_once(p)], failed)
+    interps: dict[str, Any] = {}
+    try:
+        for peer in chosen:
+            if peer.name not in failed:
+                interps[peer.name] = started(peer)
+        print("warm cells, in turns ...", flush=True)
+        warm = round_robin([p for p in chosen if p.name in interps],
+                           {n: -(-t["warm"] // WARM_TURN) for n, t in trials.items()},
+                           lambda p: [timed(lambda: interps[p.name].execute("print(6*7)")) for _ in range(WARM_TURN)],
+                           failed)
+        for peer in chosen:
+            if peer.name in interps and peer.name not in failed:
+                print(f"measuring {peer.name}: the other figures ...", flush=True)
+                figures[peer.name].update(start=starts[peer.name], warm=warm[peer.name])
+                try:
+                    measure_rest(interps[peer.name], trials[peer.name], figures[peer.name])
+                except Exception as exc:  # noqa: BLE001 - one broken peer must not hide the others
+                    failed[peer.name] = f"failed while measured: {type(exc).__name__}: {str(exc)[:300]}"
+                    print(f"SKIPPED {peer.name}: {failed[peer.name]}")
+    finally:
+        for interp in interps.values():
+            interp.shutdown()
+    return {name: f for name, f in figures.items() if name not in failed}
+
+
+def started(peer: peers.Peer) -> Any:
+    """An interpreter with ping() and the llm tools registered, started outside the timings."""
+    interp = peer.make({"ping": ping, **peer.llm_tools(SlowLM())})
+    interp.execute("print(6*7)")  # starts it and registers the tools
+    assert interp.execute("print(ping())").strip() == "pong"
+    return interp
+
+
+def measure_rest(interp: Any, trials: dict[str, int], figures: dict[str, list[float]]) -> None:
+    for _ in range(trials["host_call"]):
+        figures["host_call"].append(timed(lambda: interp.execute(f"for _ in range({HOST_CALLS}): ping()"))
+                                    / HOST_CALLS)
+    inputs = {"doc": ONE_MIB}
+    for _ in range(ITERATIONS):
+        figures["input_1mib"].append(timed(lambda: interp.execute("n = len(doc)", inputs)))
+    assert interp.execute("print(n)").strip() == str(len(ONE_MIB))
+    batch = (f"r = llm_query_batched([f'prompt {{i}}' for i in range({BATCH})])\n"
+             f"assert len(r) == {BATCH} and r[0].startswith('answer'), r[:2]")
+    for _ in range(trials["batch64"]):
+        figures["batch64"].append(timed(lambda: interp.execute(batch)))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -109,7 +161,7 @@ def trials_for(peer: peers.Peer, quick: bool) -> dict[str, int]:
     slow = "Deno" in peer.name  # seconds per start: fewer of those trials, same counts otherwise
     if quick:
         return {"start": 3 if slow else 10, "warm": 50, "host_call": 10, "batch64": 3}
-    return {"start": 10 if slow else 30, "warm": 300, "host_call": 30, "batch64": 5}
+    return {"start": 10 if slow else 60, "warm": 300, "host_call": 30, "batch64": 5}
 
 
 def main() -> None:
@@ -138,17 +190,11 @@ def main() -> None:
             chosen.append(peer)
             notes[name] = note
 
-    results: dict[str, dict[str, dict[str, float]]] = {}
     for peer in chosen:
-        print(f"measuring {peer.name}: {notes[peer.name]} ...", flush=True)
-        try:
-            figures = measure(peer, trials_for(peer, args.quick))
-        except Exception as exc:  # noqa: BLE001 - one broken peer must not hide the others
-            skipped[peer.name] = f"failed while measured: {type(exc).__name__}: {str(exc)[:300]}"
-            print(f"SKIPPED {peer.name}: {skipped[peer.name]}")
-            continue
-        results[peer.name] = {k: {"p50": pct(v, 0.5), "p95": pct(v, 0.95), "mean": sum(v) / len(v), "n": len(v)}
-                              for k, v in figures.items()}
+        print(f"peer {peer.name}: {notes[peer.name]}", flush=True)
+    measured = measure_all(chosen, args.quick, skipped)
+    results = {name: {k: {"p50": pct(v, 0.5), "p95": pct(v, 0.95), "mean": sum(v) / len(v), "n": len(v)}
+                      for k, v in figures.items()} for name, figures in measured.items()}
 
     shown = list(results)
     if not shown:

@@ -31,25 +31,24 @@ thread) and one that exits when the host is gone.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import builtins
-import hmac
-import inspect
 import itertools
 import json
 import linecache
 import os
 import queue
-import secrets
 import signal
 import sys
 import threading
 import time
 import traceback
-from urllib.parse import parse_qs, urlparse
+from types import SimpleNamespace
 
-SERVER_FILE = os.path.abspath(__file__)
+# Start-up time is the time to first result: what only the HTTP transport, a tool's signature or a bad
+# command line needs (hmac, urllib, inspect, argparse) is imported where it is used, not here.
+
+SERVER_FILE = (lambda: None).__code__.co_filename  # this code's own file, also when run from a compiled copy
 RESERVED = {"SUBMIT", "FINAL", "FINAL_VAR", "__builtins__", "__name__"}
 SETTING = "sandbox.repl.max_message_mb"
 SLACK = 64 * 1024  # frame envelope (ids, keys) on top of the payload limit
@@ -75,12 +74,26 @@ def encode(message, strict=False):
                       default=None if strict else repr).encode("ascii") + b"\n"
 
 
-def _prctl(option, value):
-    """prctl(2) through ctypes; False where it is not available (then the caller says so)."""
-    try:
-        import ctypes
+_libc_prctl = []  # [libc's prctl] once looked up
 
-        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+
+def _load_prctl():
+    """Look prctl(2) up through ctypes, once: before the fork, so the broker and the worker share the
+    import instead of each paying it (ctypes is a large share of the start-up)."""
+    if not _libc_prctl:
+        try:
+            import ctypes
+
+            _libc_prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
+        except Exception:
+            _libc_prctl.append(None)
+    return _libc_prctl[0]
+
+
+def _prctl(option, value):
+    """prctl(2); False where it is not available (then the caller says so)."""
+    try:
+        return _load_prctl()(option, value, 0, 0, 0) == 0
     except Exception:
         return False
 
@@ -227,8 +240,10 @@ class HttpChannel:
 
     def __init__(self, port, secret, max_body, idle_exit=300.0):
         import asyncio
+        import hmac
+        from urllib.parse import parse_qs, urlparse
 
-        self.asyncio = asyncio
+        self.asyncio, self.hmac, self.parse_qs, self.urlparse = asyncio, hmac, parse_qs, urlparse
         self.secret, self.max_body, self.idle_exit = secret.encode(), max_body, idle_exit
         self.inbox = queue.Queue()
         self.outbox = []  # [(n, message, encoded size)], n increasing
@@ -304,7 +319,7 @@ class HttpChannel:
             while writer in self.connections:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
                 method, target, headers = _parse_head(head)
-                if not hmac.compare_digest(headers.get("x-rlm-secret", "").encode(), self.secret):
+                if not self.hmac.compare_digest(headers.get("x-rlm-secret", "").encode(), self.secret):
                     return await self._reply(writer, 403, {"error": "wrong or missing X-Rlm-Secret"}, True)
                 self.connections[writer] = True
                 self.heard = time.monotonic()
@@ -338,7 +353,7 @@ class HttpChannel:
             self.connections.pop(writer, None)
 
     async def _handle(self, method, target, body):
-        url = urlparse(target)
+        url = self.urlparse(target)
         if method == "POST" and url.path == "/messages":
             try:
                 posted = json.loads(body)
@@ -353,7 +368,7 @@ class HttpChannel:
                 self.inbox.put(message)
             return 200, {"ok": True, "duplicate": duplicate}
         if method == "GET" and url.path == "/events":
-            query = parse_qs(url.query)
+            query = self.parse_qs(url.query)
             try:
                 after = int(query.get("after", ["0"])[0])
                 wait = max(0.0, min(float(query.get("wait", ["25"])[0]), 60.0))
@@ -413,7 +428,7 @@ class Worker:
 
     def __init__(self, channel, output_limit, max_frame):
         self.channel, self.max_frame = channel, max_frame
-        marker = b"\x00<rlm-cell-end-" + secrets.token_hex(8).encode() + b">\x00"
+        marker = b"\x00<rlm-cell-end-" + os.urandom(8).hex().encode() + b">\x00"
         sys.stdout.flush()
         sys.stderr.flush()
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -704,6 +719,8 @@ class Broker:
         self.write_lock = threading.Lock()
 
     def serve(self):
+        # Hello at once: the worker sets up (and says its own hello, checked here) while the host gets ready.
+        self.channel.send({"type": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})
         threading.Thread(target=self._read_host, daemon=True).start()
         threading.Thread(target=self._wait_worker, daemon=True).start()
         watch = getattr(self.channel, "watch_host", None)
@@ -733,8 +750,8 @@ class Broker:
         kind = message.get("type") if isinstance(message, dict) else None
         if first != (kind == "hello"):
             raise Violation("the REPL sent %r where %s was due" % (kind, "hello" if first else "call or result"))
-        if kind == "hello":
-            return self.channel.send({"type": "hello", "pid": os.getpid(), "python": message.get("python")})
+        if kind == "hello":  # the host had ours already
+            return None
         if kind == "result":
             with self.lock:
                 host_id = self.commands.pop(message.get("id"), self)
@@ -787,7 +804,7 @@ class Broker:
             if ids:
                 self._to_worker({"type": "interrupt", "id": ids[0]})
         else:
-            worker_id = secrets.token_hex(8)
+            worker_id = os.urandom(8).hex()  # as secrets.token_hex, without its imports
             with self.lock:
                 self.commands[worker_id] = message.get("id")
             self._to_worker({**message, "id": worker_id})
@@ -902,6 +919,8 @@ def _describe(exc):
 
 def _signature(params):
     """Rebuild a tool's signature from the host's `inspect` strings, e.g. ["path", "replace_all=False"]."""
+    import inspect
+
     kinds, out = inspect.Parameter, []
     for text in params:
         kind, default = kinds.POSITIONAL_OR_KEYWORD, kinds.empty
@@ -925,7 +944,15 @@ def _signature(params):
         return None
 
 
-def main(argv=None):
+# option -> (number of values, type, default); `_parser` describes the same options for errors and --help
+OPTIONS = {"--fds": (2, int, None), "--http": (1, int, None), "--secret-file": (1, str, None),
+           "--idle-exit": (1, float, 300.0), "--output-limit": (1, int, 100_000), "--max-frame-mb": (1, float, 8.0),
+           "--rlimits": (1, str, None)}
+
+
+def _parser():
+    import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--fds", nargs=2, type=int, metavar=("IN", "OUT"))
@@ -937,10 +964,39 @@ def main(argv=None):
     parser.add_argument("--output-limit", type=int, default=100_000)
     parser.add_argument("--max-frame-mb", type=float, default=8.0, help="largest message either way, in MB "
                         "(%s)" % SETTING)
-    args = parser.parse_args(argv)
+    parser.add_argument("--rlimits", help="per-process limits to set first, e.g. as=1073741824,nproc=64 "
+                        "(prlimit's names)")
+    return parser
+
+
+def _parse_args(argv):
+    """The command line the host writes, read without argparse (its import is a tenth of our start-up);
+    anything else (--help, a mistake) goes to argparse, which explains it."""
+    args = {name[2:].replace("-", "_"): default for name, (_, _, default) in OPTIONS.items()}
+    at = 0
+    try:
+        while at < len(argv):
+            count, kind, _ = OPTIONS[argv[at]]
+            values = [kind(value) for value in argv[at + 1:at + 1 + count]]
+            if len(values) != count or any(v.startswith("-") for v in argv[at + 1:at + 1 + count]):
+                raise ValueError(argv[at])
+            args[argv[at][2:].replace("-", "_")] = values if count > 1 else values[0]
+            at += 1 + count
+        if (args["fds"] is None) == (args["http"] is None):
+            raise ValueError("--fds or --http")
+    except (KeyError, ValueError):
+        args = vars(_parser().parse_args(argv))
+    return SimpleNamespace(**args)
+
+
+def main(argv=None):
+    args = _parse_args(sys.argv[1:] if argv is None else list(argv))
     max_frame = int(args.max_frame_mb * (1 << 20))
     if args.http is not None and not args.secret_file:
-        parser.error("--http needs --secret-file")
+        _parser().error("--http needs --secret-file")
+    if args.rlimits:
+        _set_rlimits(args.rlimits)
+    _load_prctl()
     worker, to_worker, from_worker = start_worker(args.output_limit, max_frame)
     # From here on this process is the broker; no cell code has run yet.
     if not _prctl(PR_SET_DUMPABLE, 0):  # before the secret is read or the channel used
@@ -953,6 +1009,20 @@ def main(argv=None):
     else:
         channel = StdioChannel(*args.fds)
     Broker(channel, worker, to_worker, from_worker, max_frame).serve()
+
+
+def _set_rlimits(spec):
+    """Set the limits the host names (`as=N,cpu=N,...`) as soft and hard limits, before any cell code can
+    run: what prlimit would set, without a process of its own. Never above a hard limit already in place;
+    a name or value that cannot be set ends the server (never run without them)."""
+    import resource
+
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        kind = getattr(resource, "RLIMIT_" + name.upper())
+        hard = resource.getrlimit(kind)[1]
+        limit = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
+        resource.setrlimit(kind, (limit, limit))
 
 
 def start_worker(output_limit, max_frame):

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import json
 import logging
+import marshal
 import os
 import platform
 import select
@@ -57,6 +59,7 @@ ETC_FILES = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "local
              "ssl", "ca-certificates", "mime.types")
 ETC_NETWORK = ("resolv.conf", "hosts", "gai.conf")
 OUTPUT_CAP = 8 * 1024 * 1024  # run() output kept in host memory, at most
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 class LocalSandbox(BaseSandbox):
@@ -72,6 +75,7 @@ class LocalSandbox(BaseSandbox):
         self._uid: Optional[int] = None
         self._procs: set[subprocess.Popen] = set()
         self._watchdog: Optional[limits.Watchdog] = None
+        self._unwatched: Optional[limits.Watchdog] = None  # made, not yet started: no process yet
         self._frozen = False  # host_view() stopped its processes for good
 
     @classmethod
@@ -116,17 +120,19 @@ class LocalSandbox(BaseSandbox):
         (root / "etc" / "group").write_text(f"root:x:0:\nsandbox:x:{user}:\nnogroup:x:65534:\n")
         # read-only mounts (a repo mirror) belong to the host's user: let git inside use them
         (root / "etc" / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
-        program = limits.userns_filter()
+        if self.config.python is None:  # our own interpreter: it can run our compiled server (see open_repl)
+            inside = str(SERVER_PATH) if self.isolation == "none" else "/.rlm/server.py"
+            (root / "etc" / "server.pyc").write_bytes(_compiled_server(inside, SERVER_PATH.stat().st_mtime_ns))
+        program = _userns_filter()
         if program is not None:
             (root / "etc" / "seccomp.bpf").write_bytes(program)
         self.root = root
-        self._watchdog = self._new_watchdog(root)
-        self._watchdog.start()
+        self._watchdog = self._unwatched = self._new_watchdog(root)  # started with the first process (_popen)
 
     def _detach(self) -> tuple[set[subprocess.Popen], Optional[Path], Optional[limits.Watchdog]]:
         procs, self._procs = set(self._procs), set()
         root, self.root = self.root, None
-        watchdog, self._watchdog = self._watchdog, None
+        watchdog, self._watchdog, self._unwatched = self._watchdog, None, None
         return procs, root, watchdog
 
     def _release(self, resources: tuple[set[subprocess.Popen], Optional[Path], Optional[limits.Watchdog]]) -> None:
@@ -225,19 +231,27 @@ class LocalSandbox(BaseSandbox):
 
     # -- processes
 
-    def _argv(self, command: Sequence[str], cwd: Optional[str] = None, info_fd: Optional[int] = None,
-              seccomp_fd: Optional[int] = None) -> list[str]:
-        """The full host command line that runs `command` inside this sandbox (`seccomp_fd`: the
-        `limits.userns_filter` program to read)."""
-        cfg, root = self.config, self._require_root()
+    def _rlimits(self) -> dict[str, int]:
+        """The per-process limits every sandbox process starts under, by prlimit's names."""
+        cfg = self.config
         nproc = cfg.max_processes if os.geteuid() == 0 else _user_processes() + cfg.max_processes
-        argv = ["prlimit", f"--as={cfg.memory_mb << 20}", f"--cpu={cfg.cpu_seconds}",
-                f"--fsize={min(cfg.file_size_mb, cfg.disk_mb) << 20}", f"--nproc={nproc}", "--core=0", "--"]
+        return {"as": cfg.memory_mb << 20, "cpu": cfg.cpu_seconds, "fsize": min(cfg.file_size_mb, cfg.disk_mb) << 20,
+                "nproc": nproc, "core": 0}
+
+    def _argv(self, command: Sequence[str], cwd: Optional[str] = None, info_fd: Optional[int] = None,
+              seccomp_fd: Optional[int] = None, prlimit: bool = True) -> list[str]:
+        """The full host command line that runs `command` inside this sandbox (`seccomp_fd`: the
+        `limits.userns_filter` program to read). Without `prlimit` the command sets `_rlimits()` itself
+        before it runs anything of the sandbox's (the REPL server does: one process fewer to start)."""
+        cfg, root = self.config, self._require_root()
+        argv = [_program("prlimit"), *(f"--{name}={value}" for name, value in self._rlimits().items()), "--"] \
+            if prlimit else []
         env = _environment(cfg, self.workdir, self._tmpdir())
         if self.isolation == "none":
-            return argv + ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *command]
-        argv += ["bwrap", "--info-fd", str(info_fd), "--die-with-parent", "--new-session", "--unshare-ipc",
-                 "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--clearenv"]
+            return argv + [_program("env"), "-i", *(f"{k}={v}" for k, v in env.items()), *command]
+        argv += [_program("bwrap"), "--info-fd", str(info_fd), "--die-with-parent", "--new-session",
+                 "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
+                 "--clearenv"]
         if not cfg.network:
             argv.append("--unshare-net")
         if self._uid is None:  # unprivileged host: a user namespace maps our own uid, and no more are made in it
@@ -254,8 +268,10 @@ class LocalSandbox(BaseSandbox):
         venv = python.parent.parent  # a configured venv's own folder (its pyvenv.cfg), besides its base install
         prefixes = {sys.base_prefix, sys.prefix, str(python.resolve().parent.parent)}
         for prefix in sorted(prefixes | ({str(venv)} if (venv / "pyvenv.cfg").is_file() else set())):
-            argv += [*_open_folders(prefix, "/tmp"), "--ro-bind", prefix, prefix]
+            if prefix != "/usr" and not prefix.startswith("/usr/"):  # /usr is bound already; each mount costs
+                argv += [*_open_folders(prefix, "/tmp"), "--ro-bind", prefix, prefix]
         argv += ["--perms", "0755", "--dir", "/.rlm", "--ro-bind", str(SERVER_PATH), "/.rlm/server.py",
+                 "--ro-bind-try", str(root / "etc" / "server.pyc"), "/.rlm/server.pyc",
                  "--ro-bind", str(root / "etc" / "passwd"), "/etc/passwd",
                  "--ro-bind", str(root / "etc" / "group"), "/etc/group",
                  "--ro-bind", str(root / "etc" / "gitconfig"), "/etc/gitconfig",
@@ -267,11 +283,12 @@ class LocalSandbox(BaseSandbox):
             argv += ["--setenv", key, value]
         argv.append("--")
         if self._uid is not None:
-            argv += ["setpriv", f"--reuid={self._uid}", f"--regid={self._uid}", "--clear-groups", "--"]
+            argv += [_program("setpriv", SANDBOX_PATH), f"--reuid={self._uid}", f"--regid={self._uid}",
+                     "--clear-groups", "--"]
         return argv + list(command)
 
     def _popen(self, command: Sequence[str], cwd: Optional[str] = None, pass_fds: tuple[int, ...] = (),
-               **kwargs) -> subprocess.Popen:
+               prlimit: bool = True, **kwargs) -> subprocess.Popen:
         host_cwd = self._host_path(cwd or ".") if self.isolation == "none" else None
         # bwrap tells the host pid of the namespace's first process on this pipe: `_kill` waits for it,
         # so that "stopped" means every process in the namespace is gone, not just bwrap.
@@ -279,7 +296,7 @@ class LocalSandbox(BaseSandbox):
         seccomp = self._open_seccomp()
         extra = tuple(fd for fd in (info_w, seccomp) if fd is not None)
         try:
-            proc = subprocess.Popen(self._argv(command, cwd, info_w, seccomp), cwd=host_cwd,
+            proc = subprocess.Popen(self._argv(command, cwd, info_w, seccomp, prlimit), cwd=host_cwd,
                                     pass_fds=pass_fds + extra, start_new_session=True, stdin=subprocess.DEVNULL,
                                     **kwargs)
         except OSError as exc:
@@ -295,6 +312,9 @@ class LocalSandbox(BaseSandbox):
                 _kill(proc)
                 raise SandboxError(f"sandbox {self.id} was stopped")
             self._procs.add(proc)
+            watchdog, self._unwatched = self._unwatched, None
+        if watchdog is not None:  # starting a thread waits for it to run: meanwhile the process sets up
+            watchdog.start()
         return proc
 
     def _open_seccomp(self) -> Optional[int]:
@@ -327,13 +347,17 @@ class LocalSandbox(BaseSandbox):
     def open_repl(self) -> ReplSession:
         self.start()
         server = str(SERVER_PATH) if self.isolation == "none" else "/.rlm/server.py"
+        if (self._require_root() / "etc" / "server.pyc").exists():
+            server = str(self._require_root() / "etc" / "server.pyc") if self.isolation == "none" else \
+                "/.rlm/server.pyc"
         args = ["--output-limit", str(self.config.repl.output_limit_chars),
                 "--max-frame-mb", str(self.config.repl.max_message_mb)]
 
         def spawn() -> StdioTransport:
             def start(server_args: list[str], fds: tuple[int, int]) -> subprocess.Popen:
-                return self._popen([self._python(), "-I", server, *server_args], pass_fds=fds,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                limits = ",".join(f"{name}={value}" for name, value in self._rlimits().items())
+                return self._popen([self._python(), "-I", server, "--rlimits", limits, *server_args], pass_fds=fds,
+                                   prlimit=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             return StdioTransport(start, args, kill=_kill)
 
         def stage(name: str, data: bytes) -> str:
@@ -476,8 +500,29 @@ class LocalSandbox(BaseSandbox):
         return self.config.python or sys.executable
 
 
+_userns_filter = lru_cache(maxsize=None)(limits.userns_filter)  # the same program for every sandbox
+
+
+@lru_cache(maxsize=None)
+def _program(name: str, path: Optional[str] = None) -> str:
+    """The full path of a program on `path` (the host's PATH by default), looked up once: each start would
+    otherwise try every folder of PATH in turn (milliseconds with long PATHs)."""
+    return shutil.which(name, path=path) or name
+
+
+@lru_cache(maxsize=4)
+def _compiled_server(inside: str, mtime_ns: int) -> bytes:
+    """server.py compiled for this interpreter (a .pyc that names `inside` as its source). Python compiles a
+    script it runs on every start, never caching it: 8 ms of each REPL start for server.py. A .pyc runs as
+    a script as well; it is written on the host and bound read-only, so sandbox code cannot change it."""
+    source = SERVER_PATH.read_bytes()
+    code = compile(source, inside, "exec", dont_inherit=True)
+    header = importlib.util.MAGIC_NUMBER + (0b01).to_bytes(4, "little") + importlib.util.source_hash(source)
+    return header + marshal.dumps(code)
+
+
 def _environment(cfg: LocalSandboxConfig, workdir: str, tmpdir: str) -> dict[str, str]:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
+    env = {"PATH": SANDBOX_PATH, "HOME": workdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8",
            "GIT_AUTHOR_NAME": "rlm-agent", "GIT_AUTHOR_EMAIL": "agent@rlm.invalid",
            "GIT_COMMITTER_NAME": "rlm-agent", "GIT_COMMITTER_EMAIL": "agent@rlm.invalid"}
