@@ -17,7 +17,7 @@ from rlm_pipelines.config import LocalSandboxConfig
 from rlm_pipelines.repl.server import SERVER_FILE
 from rlm_pipelines.sandbox.local import LocalSandbox
 
-LAZY = ("argparse", "inspect", "hmac", "secrets")
+LAZY = ("argparse", "inspect", "hmac", "secrets", "ast")
 
 
 @pytest.fixture(scope="module", params=["bwrap", "none"])
