@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,21 @@ def test_auto_falls_back_loudly_without_bwrap(tmp_path):
                           env={**os.environ, "PATH": str(bin_dir)}, timeout=60)
     assert done.returncode != 0
     assert "isolation=bwrap but bwrap is not installed" in done.stderr
+
+
+def test_a_repl_opened_from_a_thread_that_ends_lives_on():
+    """bwrap --die-with-parent follows the thread that started it: a sandbox first used from a short-lived
+    thread (a Prefect task, a caller's worker) must not die with that thread."""
+    with LocalSandbox(LocalSandboxConfig(isolation="bwrap")) as box:
+        opened = {}
+        starter = threading.Thread(target=lambda: opened.update(repl=box.open_repl(),
+                                                                ran=box.run("echo started")[1]))
+        starter.start()
+        starter.join()
+        repl = opened["repl"]
+        assert opened["ran"] == "started\n"
+        assert repl.execute("x = 6 * 7").error is None
+        time.sleep(1)  # the starting thread is long gone; a sandbox tied to it would be dead by now
+        result = repl.execute("print(x)")
+        assert result.stdout == "42\n" and result.notice == "", result.output()
+        repl.close()

@@ -19,6 +19,7 @@ makes the process limit - and fork-bomb containment - real.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import importlib.util
@@ -40,7 +41,7 @@ import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from rlm_pipelines.config import LocalSandboxConfig
 from rlm_pipelines.repl import SERVER_PATH
@@ -296,9 +297,8 @@ class LocalSandbox(BaseSandbox):
         seccomp = self._open_seccomp()
         extra = tuple(fd for fd in (info_w, seccomp) if fd is not None)
         try:
-            proc = subprocess.Popen(self._argv(command, cwd, info_w, seccomp, prlimit), cwd=host_cwd,
-                                    pass_fds=pass_fds + extra, start_new_session=True, stdin=subprocess.DEVNULL,
-                                    **kwargs)
+            proc = _spawn(self._argv(command, cwd, info_w, seccomp, prlimit), cwd=host_cwd,
+                          pass_fds=pass_fds + extra, start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
         except OSError as exc:
             if info_r is not None:
                 os.close(info_r)
@@ -613,6 +613,16 @@ def _signal(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# bwrap's --die-with-parent (PR_SET_PDEATHSIG) fires when the THREAD that started it ends, not the process:
+# a sandbox first used from a short-lived thread (a Prefect task, a caller's worker) would die with that
+# thread. Every sandbox process is therefore started from this one thread, which lives as long as we do.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlm-sandbox-spawn")
+
+
+def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    return _SPAWNER.submit(subprocess.Popen, argv, **kwargs).result()
 
 
 def _kill(proc: subprocess.Popen) -> None:
