@@ -153,6 +153,14 @@ class ModelSpec:
     # Prices for models litellm's bundled map lacks, in dollars per million tokens.
     input_cost_per_mtok: Optional[float] = None
     output_cost_per_mtok: Optional[float] = None
+    # Per-model quirks, fixed by config (README, "Model replies"). Appended to the system prompt:
+    extra_instructions: str = ""
+    stop: list[str] = field(default_factory=list)  # stop sequences sent with every call
+    reasoning_effort: Optional[str] = None  # low | medium | high, for reasoning models that take it
+    # false: the model takes no system role; the system prompt is put at the head of the first user message
+    system_prompt: bool = True
+    # A FINAL written before the model saw its code's output: `confirm` (run the code, ask again) or `accept`.
+    early_final: str = "confirm"
     # Model for llm_query / llm_query_batched: fields that differ from this model (all null = the same model).
     sub: SubModelSpec = field(default_factory=SubModelSpec)
 
