@@ -129,3 +129,25 @@ def variable_name(argument: str) -> str:
     """FINAL_VAR's argument as a variable name (FINAL_VAR(report) and FINAL_VAR('report') alike)."""
     name = final_text(argument).strip()
     return name if name.isidentifier() else ""
+
+
+def cell(code: str, reasoning: str = "", early_final: str = "confirm", final: str = "SUBMIT") -> tuple[str, list[str]]:
+    """The document engine's `code` field as the cell to run, and notes for the model: think tags out, every
+    Python block of a fenced field joined in order (a block after the first that calls `final` waits, with
+    `confirm`), and a `final` written in the reasoning, which never runs, told as not taken."""
+    code = THINK.sub("", code).strip()
+    notes: list[str] = []
+    if "```" in code:
+        blocks = [body.strip() for tag, body in FENCE.findall(code) if tag.lower() in CODE_TAGS and body.strip()]
+        call = re.compile(rf"\b{final}\s*\(")
+        late = next((i for i, body in enumerate(blocks) if i > 0 and call.search(body)), None)
+        if late is not None and early_final == "confirm":
+            blocks = blocks[:late]
+            notes.append(f"[Your code's block {late + 1} called {final} after other code whose output you had not "
+                         f"seen, so it did not run (model.early_final=confirm). If the answer still stands after "
+                         f"the output above, call {final}(...) again.]")
+        code = "\n\n".join(blocks) if blocks or late is not None else code
+    if re.search(rf"\b{final}\s*\(", reasoning or "") and not re.search(rf"\b{final}\s*\(", code):
+        notes.append(f"[Your reasoning wrote {final}(...), but only the code field runs, so no answer was taken. "
+                     f"If the answer still stands after the output above, call {final}(...) in the code.]")
+    return code, notes
