@@ -308,3 +308,16 @@ def register_configs() -> None:
         store.store(name=f"sandbox_schema_{kind}", node=backend(kind).config_class)
     OmegaConf.register_new_resolver("rlm_run_folder", hydra_run_folder, replace=True)
     OmegaConf.register_new_resolver("rlm_run_id", process_run_id, replace=True)
+    OmegaConf.register_new_resolver("rlm_models", model_list, replace=True)
+
+
+def model_list() -> str:
+    """The built-in model configs, one line each with the first line of its comment (for --help)."""
+    from rlm_pipelines.paths import conf_dir
+
+    lines = []
+    for path in sorted((conf_dir() / "model").glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"  {path.stem:<22}{about}")
+    return "\n".join(lines)

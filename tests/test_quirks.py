@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.conftest import cli, run_dir_of, run_scripted
+from tests.conftest import cli, composed, run_dir_of, run_scripted
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import build
 
@@ -222,3 +222,40 @@ def test_document_engine_per_model_prompt_settings(tmp_path):
     assert content.startswith("Your input fields are")
     assert content.index("Never use regular expressions.") < content.rindex("[[ ## variables_info ## ]]")
     assert body["stop"] == ["</code>"]
+
+
+# --------------------------------------------------------------------------- provider model configs
+
+PROVIDERS = ["gpt_mini", "claude_sonnet", "claude_sonnet_direct", "gemini_flash", "gemini_flash_direct", "local",
+             "ollama", "llama_cpp"]
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_each_provider_config_composes_and_is_priced(name):
+    import litellm
+    from omegaconf import OmegaConf
+
+    from rlm_pipelines.config import ModelSpec, check_ranges
+    from rlm_pipelines.models.litellm_client import litellm_kwargs
+
+    spec = ModelSpec(**OmegaConf.to_container(composed(f"model={name}").model, resolve=True))
+    check_ranges(spec, "model.")
+    assert spec.name == name and "/" in spec.model
+    given = spec.input_cost_per_mtok is not None and spec.output_cost_per_mtok is not None
+    try:
+        known = sum(litellm.cost_per_token(model=spec.model, prompt_tokens=1000, completion_tokens=1000)) > 0
+    except Exception:
+        known = False
+    assert given or known, f"{name}: no price in the config and none in litellm's map for {spec.model}"
+    kwargs = litellm_kwargs(spec)
+    assert "stop" not in kwargs and "reasoning_effort" not in kwargs  # quirk settings only when set
+
+
+def test_help_lists_every_model_with_a_line_about_it(tmp_path):
+    from rlm_pipelines.paths import conf_dir
+
+    helped = cli(["--help"], tmp_path)
+    assert helped.returncode == 0
+    for path in sorted((conf_dir() / "model").glob("*.yaml")):
+        about = path.read_text().splitlines()[0].lstrip("# ")
+        assert f"  {path.stem:<22}{about}" in helped.stdout
