@@ -43,7 +43,7 @@ def _told(request):
 
 
 def test_a_final_in_prose_next_to_code_waits_for_the_output(repo, tmp_path):
-    replies = ["```python\nanswer = 6 * 7\nprint('computed', answer)\n```\nSo the answer is FINAL(41).",
+    replies = ["```python\nanswer = 6 * 7\nprint('computed', answer)\n```\nSo the answer is:\nFINAL(41)",
                "```python\nFINAL('it is ' + str(answer))\n```"]
     summary, tree, requests = _repo_run(tmp_path, repo, replies)
     assert summary["status"] == "ok", tree["error"]
@@ -75,7 +75,7 @@ def test_early_final_accept_takes_the_prose_final_after_the_code_ran(repo, tmp_p
 
 
 def test_a_final_in_prose_with_no_code_is_the_answer(repo, tmp_path):
-    replies = ["```python\nreport = 'from a variable'\n```", "I am done. FINAL_VAR(report)"]
+    replies = ["```python\nreport = 'from a variable'\n```", "I will not call FINAL(x) yet. Now I am done:\n**FINAL_VAR(report)**"]
     summary, tree, requests = _repo_run(tmp_path, repo, replies)
     assert summary["status"] == "ok", tree["error"]
     assert tree["result"] == {"report": "from a variable"}

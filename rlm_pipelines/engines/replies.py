@@ -9,10 +9,10 @@ Real models reply in many shapes; each shape has one policy here (README, "Model
 - A reply cut at `model.max_tokens` (finish_reason `length`): nothing in it runs (half a block would run
   half a plan); the model is told, and asked for a shorter reply.
 - No text (only hidden reasoning tokens), or text with no code: nothing runs and the model is told; a
-  `FINAL(...)` / `FINAL_VAR(...)` in prose with no code is the answer (FINAL's argument as written, a
+  `FINAL(...)` / `FINAL_VAR(...)` starting a line of prose, in a reply with no code, is the answer (FINAL's argument as written, a
   quoted string unquoted; FINAL_VAR's variable looked up in the REPL).
-- A FINAL written before the model saw the output of code in the same reply (in prose next to code, or in
-  a block after another block), per `model.early_final`: `confirm` (the default) runs the code, not the
+- A FINAL written before the model saw the output of code in the same reply (starting a line of prose next
+  to code, or in a block after another block), per `model.early_final`: `confirm` (the default) runs the code, not the
   final (a block holding the final is not run), and tells the model so, asking it to call FINAL again if
   the answer still stands; `accept` runs every block and takes a prose FINAL once the code ran cleanly.
   A FINAL inside the one block of a reply is not early: it runs after the code before it, in that cell.
@@ -30,7 +30,7 @@ CODE_TAGS = {"", "python", "py", "python3", "repl"}
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 THINK = re.compile(r"<think(?:ing)?>(.*?)(?:</think(?:ing)?>|\Z)", re.DOTALL | re.IGNORECASE)
 FINAL_CALL = re.compile(r"\bFINAL(_VAR)?\s*\(")
-PROSE_FINAL = re.compile(r"\bFINAL(_VAR)?\s*\((.*)\)", re.DOTALL)
+PROSE_FINAL = re.compile(r"^[ \t>*_`]*FINAL(_VAR)?\s*\(", re.MULTILINE)  # at the start of a line, as others read it
 
 
 @dataclass
@@ -94,12 +94,11 @@ def read(text: str, reasoning: str = "", finish_reason: str = "stop", early_fina
 
 
 def _prose_final(prose: str) -> Optional[tuple[str, str]]:
-    """("FINAL" | "FINAL_VAR", argument) for the last FINAL written outside code, or None."""
+    """("FINAL" | "FINAL_VAR", argument) for the last FINAL that starts a line outside code, or None (a FINAL
+    mid-sentence, "I will call FINAL(answer) later", is talk, not an answer)."""
     found = None
-    for line_start in FINAL_CALL.finditer(prose):
-        match = PROSE_FINAL.match(prose, line_start.start())
-        if match is not None:
-            found = ("FINAL_VAR" if match.group(1) else "FINAL", _balanced(match.group(2)))
+    for match in PROSE_FINAL.finditer(prose):
+        found = ("FINAL_VAR" if match.group(1) else "FINAL", _balanced(prose[match.end():]))
     return found
 
 
