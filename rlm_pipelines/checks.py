@@ -11,6 +11,13 @@ class UsageError(Exception):
     """Bad input: printed without a traceback, exit code 2."""
 
 
+def check_early_final(policy: str) -> None:
+    from rlm_pipelines.engines.replies import EARLY_FINAL_POLICIES
+
+    if policy not in EARLY_FINAL_POLICIES:
+        raise ValueError(f"model.early_final={policy!r} is not a policy: use one of {', '.join(EARLY_FINAL_POLICIES)}")
+
+
 def check_run(cfg: Any, offline_hint: str = "or choose model=scripted to run offline") -> None:
     """Raise UsageError for a composed run config that cannot work. `offline_hint` is how this command says
     'use the scripted model' (serve's override differs)."""
@@ -34,6 +41,7 @@ def check_run(cfg: Any, offline_hint: str = "or choose model=scripted to run off
         task.check(params)
         check_input_size(task, params, cfg.limits.max_input_mb)
         check_sandbox(OmegaConf.to_object(cfg.sandbox))
+        check_early_final(cfg.model.early_final)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     try:

@@ -153,6 +153,14 @@ class ModelSpec:
     # Prices for models litellm's bundled map lacks, in dollars per million tokens.
     input_cost_per_mtok: Optional[float] = None
     output_cost_per_mtok: Optional[float] = None
+    # Per-model quirks, fixed by config (README, "Model replies"). Appended to the system prompt:
+    extra_instructions: str = ""
+    stop: list[str] = field(default_factory=list)  # stop sequences sent with every call
+    reasoning_effort: Optional[str] = None  # low | medium | high, for reasoning models that take it
+    # false: the model takes no system role; the system prompt is put at the head of the first user message
+    system_prompt: bool = True
+    # A FINAL written before the model saw its code's output: `confirm` (run the code, ask again) or `accept`.
+    early_final: str = "confirm"
     # Model for llm_query / llm_query_batched: fields that differ from this model (all null = the same model).
     sub: SubModelSpec = field(default_factory=SubModelSpec)
 
@@ -300,3 +308,16 @@ def register_configs() -> None:
         store.store(name=f"sandbox_schema_{kind}", node=backend(kind).config_class)
     OmegaConf.register_new_resolver("rlm_run_folder", hydra_run_folder, replace=True)
     OmegaConf.register_new_resolver("rlm_run_id", process_run_id, replace=True)
+    OmegaConf.register_new_resolver("rlm_models", model_list, replace=True)
+
+
+def model_list() -> str:
+    """The built-in model configs, one line each with the first line of its comment (for --help)."""
+    from rlm_pipelines.paths import conf_dir
+
+    lines = []
+    for path in sorted((conf_dir() / "model").glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"  {path.stem:<22}{about}")
+    return "\n".join(lines)

@@ -59,7 +59,7 @@ class DocumentEngine:
         rlm = SandboxRLM(signature, interpreter_factory=factory,
                          batch_concurrency=limits.concurrency, max_iters=limits.max_iterations,
                          max_llm_calls=limits.max_llm_calls, max_output_chars=limits.max_output_chars,
-                         sub_lm=sub_lm, observer=observer)
+                         sub_lm=sub_lm, observer=observer, spec=spec)
         try:
             with dspy.context(lm=root_lm):
                 prediction = rlm(**run.inputs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from rlm_pipelines.budget import BudgetExceeded
-from rlm_pipelines.engines import checkout, prompts
+from rlm_pipelines.engines import checkout, prompts, replies
 from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.models import LLMClient, ModelError, Usage
 from rlm_pipelines.sandbox import (REPO_DIR, DownloadTooLarge, SandboxStartError, SupportsClone, SupportsHostView,
@@ -35,7 +34,6 @@ from rlm_pipelines.sandbox import (REPO_DIR, DownloadTooLarge, SandboxStartError
 from rlm_pipelines.tasks import RepoTask
 from rlm_pipelines.text import clip
 
-CODE_BLOCK = re.compile(r"```(?:python|py|repl)[ \t]*\n(.*?)```", re.DOTALL)
 HELPERS = (Path(__file__).parent / "sandbox_helpers.py").read_text(encoding="utf-8")
 
 
@@ -275,6 +273,8 @@ class Agent:
                         "(You are at the depth limit: rlm_query will refuse; do the work yourself.)")
             + ("" if self.depth == 0 else " Your checkout's files are shared read-only with other agents: to "
                "change one, replace it (edit_file does), do not write into it."))
+            if run.cfg.model.extra_instructions:
+                system += "\n\n" + run.cfg.model.extra_instructions.strip()
             history: list[dict[str, str]] = []
             observation = f"Your task:\n{self.task}"  # each observation is headed [iteration N/M]
             for index in range(limits.max_iterations):
@@ -294,7 +294,7 @@ class Agent:
         run, limits = self.shared, self.limits
         observation = f"[iteration {index + 1}/{limits.max_iterations}]\n{observation}"
         history.append({"role": "user", "content": observation})
-        messages = [{"role": "system", "content": system}, *_bounded(history, limits.history_chars)]
+        messages = with_system(system, _bounded(history, limits.history_chars), run.cfg.model.system_prompt)
         started = time.perf_counter()
         remaining = run.deadline - time.monotonic()
         try:
@@ -305,12 +305,13 @@ class Agent:
             if time.monotonic() >= run.deadline:
                 run.check()  # the deadline passed during the call: a timeout, not a model failure
             raise
-        history.append({"role": "assistant", "content": reply})
-        blocks = [b.strip() for b in CODE_BLOCK.findall(reply) if b.strip()]
-        outputs, final, stdout, stderr, errors = [], None, [], [], []
-        if not blocks:
+        history.append({"role": "assistant", "content": reply or "(empty reply)"})  # some APIs refuse ""
+        spec = run.cfg.model
+        plan = replies.read(reply, completion.reasoning, completion.finish_reason, spec.early_final, spec.max_tokens)
+        outputs, final, stdout, stderr, errors = list(plan.notes), None, [], [], []
+        if not plan.blocks and plan.final is None and not plan.notes:
             outputs.append(prompts.load("repo_no_code"))
-        for block in blocks:
+        for block in plan.blocks:
             result = session.execute(block, timeout_s=run.cfg.sandbox.repl.cell_timeout_s, deadline=run.deadline)
             stdout.append(result.stdout)
             stderr.append(result.stderr)
@@ -323,15 +324,30 @@ class Agent:
                 break
             if result.error is not None:
                 break  # later blocks probably depend on this one
+        if final is None and plan.final is not None and not errors:
+            final, told = self._said_final(session, *plan.final)
+            outputs.extend(told)
         after = run.budget.ledger.snapshot()
-        run.tree.add_iteration(self.node_id, prompt=observation, response=reply, code="\n\n".join(blocks),
+        run.tree.add_iteration(self.node_id, prompt=observation, response=reply, code="\n\n".join(plan.blocks),
+                               reasoning=plan.reasoning or None, quirks=plan.quirks or None,
                                stdout="".join(stdout), stderr="".join(stderr) or None,
                                error="\n".join(errors) or None, duration_s=round(time.perf_counter() - started, 3),
                                usage=Usage.from_completion(completion).as_tree())
         run.tree.set_usage(Usage.from_snapshot(after).as_tree())
         run.progress.iteration(f"agent {self.node_id} (depth {self.depth})", index + 1, limits.max_iterations,
                                time.perf_counter() - started, after, "error" if errors else "ok")
-        return final, "\n\n".join(f"Output of block {i + 1}:\n{o}" for i, o in enumerate(outputs))
+        heads = [f"Output of block {i + 1}:\n{o}" for i, o in enumerate(outputs[len(plan.notes):])]
+        return final, "\n\n".join([*outputs[:len(plan.notes)], *heads])
+
+    def _said_final(self, session: Any, kind: str, argument: str) -> tuple[Optional[dict[str, Any]], list[str]]:
+        """A FINAL / FINAL_VAR the model wrote outside code (see `replies`): (the final, what to tell)."""
+        if kind == "FINAL":
+            return {"value": replies.final_text(argument)}, []
+        name = replies.variable_name(argument)
+        result = session.execute(f"FINAL_VAR({name!r})", timeout_s=30, deadline=self.shared.deadline)
+        if result.final is not None:
+            return result.final, []
+        return None, [f"[FINAL_VAR({argument}) in your reply was not taken: {result.error}]"]
 
     def _finish(self, final: dict[str, Any]) -> AgentResult:
         value = final.get("value")
@@ -367,6 +383,15 @@ class Agent:
             note = "making the patch ran past limits.wall_time_s and it was dropped"
         print(f"warning: {note}", file=sys.stderr)
         return b"", note
+
+
+def with_system(system: str, messages: list[dict[str, str]], supported: bool = True) -> list[dict[str, str]]:
+    """The chat with its system prompt: as a system message, or (`model.system_prompt: false`, for models
+    that take no system role) at the head of the first user message."""
+    if supported:
+        return [{"role": "system", "content": system}, *messages]
+    first, rest = messages[0], messages[1:]
+    return [{**first, "content": f"{system}\n\n{first['content']}"}, *rest]
 
 
 def _bounded(history: list[dict[str, str]], budget_chars: int) -> list[dict[str, str]]:

@@ -5,7 +5,10 @@ uses it).
 - `llm_query_batched` fans out with `batch_concurrency` workers (dspy fixes 8, which makes a 64-prompt
   batch eight round trips long); the call budget is still reserved for the whole batch at once, atomically.
 - a model reply that cannot be parsed into `reasoning` + `code` becomes an observation the model sees on
-  its next turn, instead of an exception that ends the run.
+  its next turn, instead of an exception that ends the run; so do `code=None` or empty code, and a reply
+  cut at max_tokens (finish_reason `length`: not run). The model's own turns are read by `QuirksAdapter`
+  (rlm_adapter.py) and their code by `replies.cell` (think tags, several blocks, a SUBMIT written before
+  the output was seen): the policies are in README, "Model replies".
 - an optional `Observer` sees every iteration (the run tree, the console) and may stop the run between
   iterations when a budget is spent.
 - every model call the sandbox makes, through `llm_query`, `llm_query_batched` or the sub-agents dspy 3.4.1
@@ -22,14 +25,17 @@ import contextvars
 import functools
 import json
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import dspy
+from dspy.predict.rlm import _strip_code_fences
 from dspy.primitives.facade import CALL_TOOL, CONSTRUCT_TOOL
+from dspy.primitives.code_interpreter import FinalOutput
 from dspy.utils.exceptions import AdapterParseError
 
-from rlm_pipelines.config import SandboxConfig
-from rlm_pipelines.engines import prompts
+from rlm_pipelines.config import ModelSpec, SandboxConfig
+from rlm_pipelines.engines import prompts, replies
+from rlm_pipelines.engines.rlm_adapter import QuirksAdapter
 from rlm_pipelines.engines.interpreter import SandboxInterpreterFactory
 from rlm_pipelines.models import Usage
 from rlm_pipelines.models.usage import CallRecord
@@ -45,6 +51,13 @@ _api: contextvars.ContextVar[str] = contextvars.ContextVar("rlm_sandbox_api", de
 def api_label() -> str:
     """The sandbox API of the model call in progress (what the run tree and the viewer show)."""
     return _api.get()
+
+
+@runtime_checkable
+class RemembersCalls(Protocol):
+    """An LM that tells the calling thread's latest call (`RecordingLM`): its finish_reason among others."""
+
+    def last_call(self) -> dict[str, Any]: ...
 
 
 class Observer(Protocol):
@@ -66,11 +79,14 @@ class Observer(Protocol):
 class SandboxRLM(dspy.RLM):
     def __init__(self, signature: Any, *, sandbox: Optional[SandboxConfig] = None, batch_concurrency: int = 32,
                  interpreter_factory: Optional[Callable[[], Any]] = None, observer: Optional[Observer] = None,
-                 **kwargs: Any):
+                 spec: Optional[ModelSpec] = None, **kwargs: Any):
+        """`spec`: the root model's config, for its quirks (prompt settings, `early_final`)."""
         factory = interpreter_factory or SandboxInterpreterFactory(sandbox or SandboxConfig())
         super().__init__(signature, interpreter_factory=factory, **kwargs)
         self.batch_concurrency = batch_concurrency
         self.observer = observer
+        self.spec = spec or ModelSpec()
+        self.adapter = QuirksAdapter(self.spec.extra_instructions, self.spec.system_prompt)
 
     def _make_llm_tools(self, budget: Any = None, max_workers: int = 8) -> dict[str, Callable]:
         observer = self.observer
@@ -130,13 +146,20 @@ class SandboxRLM(dspy.RLM):
         order = list(input_args)
         return sorted(variables, key=lambda variable: order.index(variable.name))
 
-    def _execute_iteration(self, repl: Any, variables: Any, history: Any, iteration: int, *args: Any,
-                           **kwargs: Any) -> Any:
+    def _execute_iteration(self, repl: Any, variables: Any, history: Any, iteration: int, input_args: Any,
+                           output_field_names: Any, interpreter_factory: Any, sub_agent_rules: str) -> Any:
+        """dspy's iteration (ask for an action, run its code), with every reply shape turned into either a
+        cell that runs or an observation for the model (see the module's docstring)."""
         if self.observer is not None:
             self.observer.before_iteration(iteration)
         started = time.perf_counter()
         try:
-            result = super()._execute_iteration(repl, variables, history, iteration, *args, **kwargs)
+            with dspy.context(adapter=self.adapter):
+                action = self.generate_action(
+                    signature=self._action_signature_for_current_factory(interpreter_factory, sub_agent_rules),
+                    variables_info=[variable.format() for variable in variables], repl_history=history,
+                    iteration=f"{iteration + 1}/{self.max_iters}")
+            result = self._act(repl, action, history, input_args, output_field_names)
         except AdapterParseError as exc:
             detail = f"the reply was: {clip(exc.lm_response or '', 300)!r}"
             result = history.append(reasoning="", code="", output=prompts.load("no_code").format(detail=detail))
@@ -144,6 +167,29 @@ class SandboxRLM(dspy.RLM):
             steps = result.trajectory if isinstance(result, dspy.Prediction) else [e.model_dump() for e in result]
             self.observer.after_iteration(iteration, steps[-1], time.perf_counter() - started)
         return result
+
+    def _act(self, repl: Any, action: Any, history: Any, input_args: Any, output_field_names: Any) -> Any:
+        reasoning, code = getattr(action, "reasoning", None) or "", getattr(action, "code", None)
+        lm = dspy.settings.lm
+        if isinstance(lm, RemembersCalls) and lm.last_call().get("finish_reason") == "length":
+            note = (f"[Error] Your reply was cut at the token limit (model.max_tokens={self.spec.max_tokens}, "
+                    f"finish_reason=length) before it ended, so none of it ran. Reply again with shorter code.")
+            return history.append(reasoning=reasoning, code="", output=note)
+        if not isinstance(code, str) or not code.strip():
+            detail = "the code field was None" if code is None else "the code field was empty"
+            return history.append(reasoning=reasoning, code="", output=prompts.load("no_code").format(detail=detail))
+        code, notes = replies.cell(code, reasoning, self.spec.early_final)
+        if not code.strip():
+            return history.append(reasoning=reasoning, code="", output="\n\n".join(notes))
+        try:
+            code = _strip_code_fences(code)  # dspy's own rule for one fenced cell
+        except SyntaxError as exc:
+            return history.append(reasoning=reasoning, code=code, output=f"[Error] {exc}")
+        result = self._execute_code(repl, code, input_args)
+        if notes and not isinstance(result, FinalOutput):
+            result = "\n".join(map(str, result)) if isinstance(result, list) else str(result or "")
+            result = "\n\n".join([result, *notes]) if result else "\n\n".join(notes)
+        return self._process_execution_result(action, code, result, history, output_field_names)
 
 
 class TreeObserver:
@@ -167,7 +213,8 @@ class TreeObserver:
         # this iteration's calls: the agent's own turn and the llm_query calls its code made
         delta, self._seen = totals.minus(self._seen), totals
         self.tree.add_iteration(self.agent_id, prompt=_render(call.get("messages")),
-                                response=_first(call.get("outputs")), reasoning=step.get("reasoning", ""),
+                                response=_first(call.get("outputs")),
+                                reasoning=_joined(_hidden(call.get("outputs")), step.get("reasoning", "")),
                                 code=step.get("code", ""), stdout=output, stderr=None,
                                 error=output if failed else None, duration_s=round(duration_s, 3),
                                 usage=delta.as_tree())
@@ -262,6 +309,16 @@ def _render(messages: Any) -> Optional[str]:
     if not messages:
         return None
     return "\n\n".join(f"[{m.get('role', '?')}]\n{m.get('content', '')}" for m in messages if isinstance(m, dict))
+
+
+def _hidden(outputs: Any) -> str:
+    """The provider's reasoning field of a reply's first output (recorded, never run)."""
+    first = outputs[0] if isinstance(outputs, list) and outputs else None
+    return str(first.get("reasoning_content") or "") if isinstance(first, dict) else ""
+
+
+def _joined(*texts: str) -> str:
+    return "\n\n".join(text for text in texts if text)
 
 
 def _first(outputs: Any) -> Optional[str]:

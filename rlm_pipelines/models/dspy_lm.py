@@ -151,7 +151,9 @@ class RecordingLM(dspy.LM):
         # (whole chapters) for the life of the run.
         box = _entry_box.get()
         if box is not None:
-            box.append({key: safe_data(entry.get(key)) for key in ("usage", "cost", "messages", "outputs")})
+            kept = {key: safe_data(entry.get(key)) for key in ("usage", "cost", "messages", "outputs")}
+            choices = getattr(entry.get("response"), "choices", None) or [None]  # "length": cut at max_tokens
+            box.append({**kept, "finish_reason": getattr(choices[0], "finish_reason", None)})
 
     def last_call(self) -> dict[str, Any]:
         """The calling thread's latest call: usage, cost, messages, outputs ({} before any)."""

@@ -65,6 +65,10 @@ def litellm_kwargs(spec: ModelSpec) -> dict[str, Any]:
         kwargs["api_key"] = "no-key"
     if spec.api_base:
         kwargs["api_base"] = spec.api_base
+    if spec.stop:  # per-model quirks: only sent when the config sets them
+        kwargs["stop"] = list(spec.stop)
+    if spec.reasoning_effort:
+        kwargs["reasoning_effort"] = spec.reasoning_effort
     return kwargs
 
 
@@ -255,6 +259,8 @@ class Completion:
     completion_tokens: int
     cost_usd: float
     attempts: int
+    finish_reason: str = "stop"  # "length": cut at max_tokens (the engines do not run a cut reply)
+    reasoning: str = ""  # the provider's reasoning field, if it sends one (recorded, never run)
 
 
 class LLMClient:
@@ -297,6 +303,8 @@ class LLMClient:
                             cost_usd=completion_cost(response, spec.model),
                             duration_s=time.perf_counter() - started, attempts=attempts, role=self.role)
         self.ledger.add(record)
-        text = safe_text(response.choices[0].message.content or "")  # lone surrogates cannot be recorded
+        choice = response.choices[0]
+        text = safe_text(choice.message.content or "")  # lone surrogates cannot be recorded
+        reasoning = safe_text(getattr(choice.message, "reasoning_content", None) or "")
         return Completion(text, spec.model, record.prompt_tokens, record.completion_tokens,
-                          record.cost_usd, attempts)
+                          record.cost_usd, attempts, choice.finish_reason or "stop", reasoning)

@@ -4,7 +4,8 @@ It speaks `POST /v1/chat/completions` (JSON, and SSE when `stream` is asked) so 
 it exactly as to a provider. Behaviour is programmable: a fixed reply or a function of the request body,
 a latency (each request sleeps on its own thread, so a benchmark's 64 parallel calls on a 100 ms LM take
 about 100 ms), a queue of failures (status codes) served before replies, or a failure for every request.
-Every request is logged (path, lower-cased headers, JSON body).
+Every request is logged (path, lower-cased headers, JSON body). A reply function may return a dict instead
+of the text, to serve a quirk: {"content": text or None, "finish_reason": "length", "reasoning_content": ...}.
 
     with OpenAIServer(reply=lambda req: "hi") as server:
         server.fail(429)                    # the next request gets a 429, then normal replies
@@ -22,7 +23,7 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional, Union
 
-Reply = Callable[[dict[str, Any]], str]
+Reply = Callable[[dict[str, Any]], Union[str, dict[str, Any]]]
 
 
 class _Server(ThreadingHTTPServer):
@@ -107,17 +108,20 @@ class _Handler(BaseHTTPRequestHandler):
                                                  "type": "fake_error", "code": status}})
         if not self.path.rstrip("/").endswith("/chat/completions"):
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
-        text = fake.reply(body)
+        served = fake.reply(body)
+        message = served if isinstance(served, dict) else {"content": served}
+        finish = message.pop("finish_reason", "stop") if isinstance(served, dict) else "stop"
+        text = message.get("content") or ""
         usage = {"prompt_tokens": sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
                  // 4 + 1, "completion_tokens": len(text) // 4 + 1}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         model = body.get("model", "fake")
         if body.get("stream"):
-            return self._stream(model, text, usage)
+            return self._stream(model, text, usage, finish)
         self._send(200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
                          "model": model, "usage": usage,
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": text}}]})
+                         "choices": [{"index": 0, "finish_reason": finish,
+                                      "message": {"role": "assistant", "content": text, **message}}]})
 
     def _send(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
@@ -127,13 +131,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _stream(self, model: str, text: str, usage: dict[str, int]) -> None:
+    def _stream(self, model: str, text: str, usage: dict[str, int], finish: str = "stop") -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("connection", "close")
         self.end_headers()
         chunks = [{"delta": {"role": "assistant", "content": text}, "finish_reason": None},
-                  {"delta": {}, "finish_reason": "stop"}]
+                  {"delta": {}, "finish_reason": finish}]
         for chunk in chunks:
             event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
                      "created": int(time.time()), "choices": [{"index": 0, **chunk}]}
