@@ -109,3 +109,45 @@ def test_on_miss_live_continues_with_the_live_model(tmp_path):
         live = len(root.requests) + len(sub.requests)
     tree, summary = _load(replayed)
     assert live > 0 and tree["status"] == "ok", (tree["error"], done.stderr[-2000:])
+
+
+def _repo_reply(request):
+    """A depth-2 tree: the root and each child spawn two sub-agents at once, leaves answer with their task."""
+    system, last = request["messages"][0]["content"], request["messages"][-1]["content"]
+    if "depth 2 of" in system:
+        return "```python\nFINAL('leaf: ' + task[-40:])\n```"
+    if "[iteration 1/" in last:
+        return ("```python\nprint(rlm_query_batched([task[-30:] + ' / part A', task[-30:] + ' / part B']))\n```")
+    return "```python\nFINAL('done' if depth == 0 else 'mid: ' + task[-40:])\n```"
+
+
+def test_a_depth_two_repo_run_with_concurrent_sub_agents_replays_each_agent_its_own_calls(tmp_path):
+    from tests.fixtures.todo_repo import build
+
+    repo = build(tmp_path / "repo")
+    task = ["task=repo_todos", f"task.repo={repo['path']}"]
+    out = tmp_path / "original"
+    out.mkdir()
+    env = {"RLM_TEST_KEY": SECRET, "RLM_CACHE_DIR": str(tmp_path / "cache")}
+    with OpenAIServer(reply=_repo_reply, latency_s=0.2) as server:
+        done = cli([*task, "model=local", f"model.api_base={server.url}", "model.api_key_env=RLM_TEST_KEY",
+                    "model.input_cost_per_mtok=1", "model.output_cost_per_mtok=2", "model.cache=false",
+                    "orchestration.prefect=false"], out, env=env)
+        requests = len(server.requests)
+    assert done.returncode == 0, done.stderr[-3000:]
+    original = run_dir_of(out)
+    calls = [json.loads(line) for line in (original / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == requests == 2 + 2 * 2 + 4  # root, 2 children (2 turns each), 4 leaves (1 turn)
+    assert len({c["agent"] for c in calls}) == 7
+
+    replay_out = tmp_path / "replay"
+    replay_out.mkdir()
+    done = cli([*task, "model=replay", f"model.source={original}", "orchestration.prefect=false"], replay_out,
+               env={**env, "RLM_TEST_KEY": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tree0, summary0), (tree1, summary1) = _load(original), _load(run_dir_of(replay_out))
+    assert _shape(tree1["root"]) == _shape(tree0["root"])  # every agent got its own answers
+    for key in ("llm_calls", "prompt_tokens", "completion_tokens", "cost_usd", "agents", "max_depth", "status"):
+        assert summary1[key] == summary0[key], key
+    assert summary1["replayed"] and summary1["replayed_calls"] == requests
+    assert all(i.get("origin") == "replayed" for i in tree1["root"]["iterations"])
