@@ -3,33 +3,14 @@ model.source=<run dir>` re-runs it offline, with no key and the fake OpenAI serv
 recording, real sandboxes and CLI processes always)."""
 
 import json
-import re
 
 from tests.conftest import cli, run_dir_of
 from tests.fakes.openai_server import OpenAIServer
+from tests.fakes.rlm_replies import DOCUMENT_TASK, document_root, document_sub, repo_tree, tree_shape
 
 SECRET = "sk-test-replay-SECRET-0123456789"
-CELLS = ["print('Q', llm_query('third?'))\nprint('B', llm_query_batched(['b1?', 'b2?', 'b3?']))",
-         "SUBMIT(counts={'a': 1})"]
-_ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
-TASK = ["task=needles", "task.documents=2", "task.doc_chars=200", "task.needles=2"]
-
-
-def _fields(**fields):
-    return "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in fields.items()) + "[[ ## completed ## ]]"
-
-
-def _chat(request):
-    return "\n".join(str(m.get("content")) for m in request["messages"])
-
-
-def _root(request):
-    index = int(_ITERATION.findall(_chat(request))[-1]) - 1
-    return _fields(reasoning="work", code=f"```python\n{CELLS[min(index, len(CELLS) - 1)]}\n```")
-
-
-def _sub(request):
-    return "answer to " + _chat(request)[-6:]
+TASK = DOCUMENT_TASK
+_root, _sub, _shape = document_root, document_sub, tree_shape
 
 
 def _model(root, sub):
@@ -42,13 +23,6 @@ def _load(run_dir):
     return (json.loads((run_dir / "run.json").read_text()), json.loads((run_dir / "summary.json").read_text()))
 
 
-def _shape(node):
-    """The tree without times and ids: kinds, tasks, results, iterations' code and output."""
-    return {"kind": node["kind"], "task": node["task"], "result": node.get("result"), "status": node["status"],
-            "iterations": [(i.get("code"), i.get("stdout")) for i in node["iterations"]],
-            "children": sorted((_shape(c) for c in node["children"]), key=json.dumps)}
-
-
 def _record(tmp_path, *extra):
     out = tmp_path / "original"
     out.mkdir()
@@ -56,6 +30,7 @@ def _record(tmp_path, *extra):
         done = cli([*TASK, *_model(root, sub), "orchestration.prefect=false", *extra], out,
                    env={"RLM_TEST_KEY": SECRET, "RLM_CACHE_DIR": str(tmp_path / "cache")})
         requests = len(root.requests) + len(sub.requests)
+        assert SECRET in root.requests[0]["headers"].get("authorization", "")  # the key was really used
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir_of(out), requests
 
@@ -111,16 +86,6 @@ def test_on_miss_live_continues_with_the_live_model(tmp_path):
     assert live > 0 and tree["status"] == "ok", (tree["error"], done.stderr[-2000:])
 
 
-def _repo_reply(request):
-    """A depth-2 tree: the root and each child spawn two sub-agents at once, leaves answer with their task."""
-    system, last = request["messages"][0]["content"], request["messages"][-1]["content"]
-    if "depth 2 of" in system:
-        return "```python\nFINAL('leaf: ' + task[-40:])\n```"
-    if "[iteration 1/" in last:
-        return ("```python\nprint(rlm_query_batched([task[-30:] + ' / part A', task[-30:] + ' / part B']))\n```")
-    return "```python\nFINAL('done' if depth == 0 else 'mid: ' + task[-40:])\n```"
-
-
 def test_a_depth_two_repo_run_with_concurrent_sub_agents_replays_each_agent_its_own_calls(tmp_path):
     from tests.fixtures.todo_repo import build
 
@@ -129,7 +94,7 @@ def test_a_depth_two_repo_run_with_concurrent_sub_agents_replays_each_agent_its_
     out = tmp_path / "original"
     out.mkdir()
     env = {"RLM_TEST_KEY": SECRET, "RLM_CACHE_DIR": str(tmp_path / "cache")}
-    with OpenAIServer(reply=_repo_reply, latency_s=0.2) as server:
+    with OpenAIServer(reply=repo_tree, latency_s=0.2) as server:
         done = cli([*task, "model=local", f"model.api_base={server.url}", "model.api_key_env=RLM_TEST_KEY",
                     "model.input_cost_per_mtok=1", "model.output_cost_per_mtok=2", "model.cache=false",
                     "orchestration.prefect=false"], out, env=env)
