@@ -78,6 +78,7 @@ def open_run(config: dict[str, Any], run_dir: str) -> Run:
     progress = ConsoleProgress(cfg.orchestration.progress)
     ledger = UsageLedger(listener=lambda record: progress.advance() if record.role == "sub" else None)
     engine = engine_class(cfg.engine)(cfg.engine)
+    calls = build_calls(cfg, Path(run_dir))  # before the tree: a bad model.source / resume writes nothing
     tree = RunTree(Path(run_dir) / "run.json", {
         "task": task.name, "engine": engine.name, "model": cfg.model.model, "model_name": cfg.model.name,
         "sandbox": asdict(cfg.sandbox), "limits": asdict(cfg.limits), "config": config},
@@ -87,7 +88,6 @@ def open_run(config: dict[str, Any], run_dir: str) -> Run:
     if cfg.resume:
         tree.run["resumed_from"] = str(Path(cfg.resume).expanduser().resolve())
     tree.save()
-    calls = build_calls(cfg, Path(run_dir))
     cfg.sandbox.labels = {**cfg.sandbox.labels, "rlm-run": tree.run["id"], "rlm-task": task.name}
     return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress, engine, calls=calls)
 

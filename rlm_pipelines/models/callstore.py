@@ -28,12 +28,16 @@ from typing import Any, Callable, Iterator, Optional, Protocol, runtime_checkabl
 
 from rlm_pipelines import redact
 from rlm_pipelines.budget import BudgetExceeded
-from rlm_pipelines.text import safe_data
+from rlm_pipelines.text import clip, safe_data
 
 CALLS_FILE = "calls.jsonl"
 # Request arguments that never change the answer (or must never be written): left out of keys and records.
 NOT_IN_KEY = {"timeout", "num_retries", "headers", "extra_headers", "rollout_id", "cache", "api_key",
               "api_base", "base_url", "api_version", "organization", "stream_options"}
+
+# A recorded message's text beyond this is clipped (head and tail kept) in calls.jsonl and the cache: keys
+# are made from the whole prompt and a replay needs only the key; the text is kept to show divergences.
+MESSAGE_CHARS = 20_000
 
 _agent: contextvars.ContextVar[str] = contextvars.ContextVar("rlm_call_agent", default="")
 
@@ -158,7 +162,7 @@ class RecordedCalls:
         if not recorded:
             known = ", ".join(sorted(self.by_agent)[:5]) or "none"
             return f"{where}: the recorded run has no calls of this agent (its agents: {known})"
-        lines = _lines(request)
+        lines = _lines(_clipped(request))  # compared as recorded
         best = max(recorded, key=lambda e: _common_lines(lines, _lines(e["request"])))
         theirs = _lines(best["request"])
         i = _common_lines(lines, theirs)
@@ -167,6 +171,12 @@ class RecordedCalls:
         return (f"{where}: the prompt was not recorded; first differing line (line {i + 1}, vs the nearest "
                 f"recorded prompt, its call {best.get('index', 0) + 1}):\n  now:      {ours_line[:300]!r}\n"
                 f"  recorded: {theirs_line[:300]!r}")
+
+
+def _clipped(request: dict[str, Any]) -> dict[str, Any]:
+    messages = [{**m, "content": clip(m["content"], MESSAGE_CHARS, note="clipped in calls.jsonl")}
+                if isinstance(m.get("content"), str) else m for m in request.get("messages") or []]
+    return {**request, "messages": messages}
 
 
 def _lines(request: dict[str, Any]) -> list[str]:
@@ -232,7 +242,7 @@ class Calls:
         ReplayMiss when a replay has no answer and must not go live."""
         agent = current_agent(role or "main")
         index, key = self._index(agent), call_key(request)
-        pending = {"key": key, "agent": agent, "index": index, "role": role, "request": request,
+        pending = {"key": key, "agent": agent, "index": index, "role": role, "request": _clipped(request),
                    "started": time.perf_counter(), "use_cache": use_cache}
         answer = self._stored(agent, key, use_cache)
         if answer is None and self.replay is not None and self.on_miss != "live":
