@@ -4,6 +4,7 @@ setting) fails at once with a message that says what to do, and exit code 2."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -42,9 +43,23 @@ def check_run(cfg: Any, offline_hint: str = "or choose model=scripted to run off
         check_input_size(task, params, cfg.limits.max_input_mb)
         check_sandbox(OmegaConf.to_object(cfg.sandbox))
         check_early_final(cfg.model.early_final)
+        check_recorded(cfg.model.model, cfg.model.source, cfg.get("resume"))
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     try:
         check_key(OmegaConf.to_object(cfg.model))
     except MissingKeyError as exc:
         raise UsageError(f"{exc}, {offline_hint}") from None
+
+
+def check_recorded(model: str, source: Any, resume: Any) -> None:
+    """`model=replay` has a `model.source`; it and `resume` name run folders with recorded calls."""
+    from rlm_pipelines.models.callstore import RecordedCalls, recorded_model
+
+    if model.startswith("replay/") and not source:
+        raise ValueError("model=replay replays a recorded run: name it with model.source=<run dir> (a folder "
+                         "under outputs/runs/ holding run.json and calls.jsonl)")
+    for folder in (source, resume):
+        if folder:
+            RecordedCalls(Path(folder).expanduser())
+            recorded_model(folder)

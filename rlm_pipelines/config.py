@@ -163,6 +163,12 @@ class ModelSpec:
     early_final: str = "confirm"
     # Model for llm_query / llm_query_batched: fields that differ from this model (all null = the same model).
     sub: SubModelSpec = field(default_factory=SubModelSpec)
+    # Record and replay (rlm_pipelines/models/callstore.py): `source`, a run folder whose calls.jsonl answers
+    # every call (`model=replay`); a call it lacks stops the run, or with on_miss=live goes to the live model.
+    source: Optional[str] = None
+    on_miss: str = "stop"  # stop | live
+    # The disk cache of calls shared by runs: true, false, or null (on when temperature is 0).
+    cache: Optional[bool] = None
 
 
 @dataclass
@@ -215,6 +221,8 @@ class RunConfig:
     sandbox: Any = MISSING  # validated against its backend's schema (sandbox_schema_<kind>, see conf/sandbox)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    # A run folder (cancelled, failed, budget-stopped): its recorded calls answer first, at no cost.
+    resume: Optional[str] = None
 
     def __post_init__(self) -> None:
         # A config read back from plain data (run.json, Prefect) has the sandbox as a dict: type it again.

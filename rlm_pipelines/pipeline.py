@@ -53,6 +53,7 @@ class Run:
     patch: bytes = b""
     patch_ok: Optional[bool] = None
     wrap_agent: Any = None  # repo engine: how each agent runs (the Prefect flow makes it a task run)
+    calls: Any = None  # the call path (models/callstore.py `Calls`): calls.jsonl, replay, resume, cache
 
 
 def default_run_dir(config: dict[str, Any]) -> str:
@@ -67,19 +68,28 @@ def _typed(config: dict[str, Any]) -> RunConfig:
 
 def open_run(config: dict[str, Any], run_dir: str) -> Run:
     config = redact.take_credentials(config)  # a credential in task.repo is never recorded (see redact.py)
+    from rlm_pipelines.models.callstore import build_calls, replay_spec
+
     cfg = _typed(config)
+    if cfg.model.source:  # model=replay: the recorded run's model, so its prompts and keys match
+        cfg.model = replay_spec(cfg.model)
     check_ranges(cfg)  # runs that no CLI checked (scheduled, in-process) fail on a bad setting too
     task, params = resolve(OmegaConf.create(config), discover())
     progress = ConsoleProgress(cfg.orchestration.progress)
     ledger = UsageLedger(listener=lambda record: progress.advance() if record.role == "sub" else None)
     engine = engine_class(cfg.engine)(cfg.engine)
+    calls = build_calls(cfg, Path(run_dir))  # before the tree: a bad model.source / resume writes nothing
     tree = RunTree(Path(run_dir) / "run.json", {
         "task": task.name, "engine": engine.name, "model": cfg.model.model, "model_name": cfg.model.name,
         "sandbox": asdict(cfg.sandbox), "limits": asdict(cfg.limits), "config": config},
         max_record_mb=cfg.limits.max_record_mb)
+    if cfg.model.source:
+        tree.run["replayed_from"] = str(Path(cfg.model.source).expanduser().resolve())
+    if cfg.resume:
+        tree.run["resumed_from"] = str(Path(cfg.resume).expanduser().resolve())
     tree.save()
     cfg.sandbox.labels = {**cfg.sandbox.labels, "rlm-run": tree.run["id"], "rlm-task": task.name}
-    return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress, engine)
+    return Run(cfg, task, params, Path(run_dir), tree, Budget(cfg.limits, ledger), progress, engine, calls=calls)
 
 
 # --------------------------------------------------------------------------- steps
@@ -125,7 +135,8 @@ def downstream(run: Run) -> list[str]:
 def summarize(run: Run) -> dict[str, Any]:
     """summary.json: the figures a person compares runs by."""
     tree = run.tree.run
-    usage = Usage.from_snapshot(run.budget.ledger.snapshot())
+    snapshot = run.budget.ledger.snapshot()
+    usage = Usage.from_snapshot(snapshot)
     score = None
     if run.result is not None:
         score = run.task.score(run.result, run.inputs, run.params)
@@ -135,8 +146,10 @@ def summarize(run: Run) -> dict[str, Any]:
         "model_name": tree.get("model_name"), "status": tree["status"], "error": tree["error"],
         "iterations": run.tree.iterations, "agents": run.tree.agents, "max_depth": run.tree.max_depth,
         "patch": {"bytes": len(run.patch), "applies": run.patch_ok} if run.patch else None,
-        **usage.as_tree(), "wall_time_s": tree["duration_s"], "score": score, "run_dir": str(run.run_dir.resolve()),
-        "files": ["run.json", *run.files, "summary.json"],
+        **usage.as_tree(), "cached_calls": snapshot["cached_calls"], "saved_usd": snapshot["saved_usd"],
+        "replayed": bool(run.cfg.model.source), "replayed_calls": snapshot["replayed_calls"],
+        "resumed_from": tree.get("resumed_from"), "wall_time_s": tree["duration_s"], "score": score, "run_dir": str(run.run_dir.resolve()),
+        "files": ["run.json", "calls.jsonl", *run.files, "summary.json"],
     }
     write_json(run.run_dir / "summary.json", summary)
     return summary

@@ -40,13 +40,14 @@ class DocumentEngine:
 
         task, cfg, tree, budget = run.task, run.cfg, run.tree, run.budget
         spec, limits = cfg.model, cfg.limits
-        root_lm = build_dspy_lm(spec, budget.ledger, role="root", deadline=budget.deadline)
+        root_lm = build_dspy_lm(spec, budget.ledger, role="root", deadline=budget.deadline, calls=run.calls)
         signature = dspy.Signature(task.signature, task.instructions)
         agent = tree.add_node("agent", task.instructions or task.signature)
         observer = TreeObserver(tree, agent, budget, run.progress, root_lm, limits.max_iterations)
         # Everything the sandbox asks of a model (llm_query, dspy's sub-agents) runs on sub_lm: the observer
         # checks the budget before each call and records each one in the run tree.
-        sub_lm = build_dspy_lm(sub_spec(spec), budget.ledger, role="sub", deadline=budget.deadline, hook=observer)
+        sub_lm = build_dspy_lm(sub_spec(spec), budget.ledger, role="sub", deadline=budget.deadline, hook=observer,
+                               calls=run.calls)
         sandboxes: list[str] = []
 
         def started(sandbox_id: str) -> None:

@@ -29,6 +29,7 @@ from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.engines import checkout, prompts, replies
 from rlm_pipelines.engines.base import EngineResult
 from rlm_pipelines.models import LLMClient, ModelError, Usage
+from rlm_pipelines.models.callstore import agent_path, agent_scope
 from rlm_pipelines.sandbox import (REPO_DIR, DownloadTooLarge, SandboxStartError, SupportsClone, SupportsHostView,
                                    SupportsSeed, can_fork, make_sandbox)
 from rlm_pipelines.tasks import RepoTask
@@ -72,6 +73,7 @@ class RepoRun:
         self._bundle: Optional[Path] = None  # the repo as one file, for sandboxes that get it uploaded
         self._template_lock = threading.Lock()
         self.wrap_agent: Callable[[Callable[..., AgentResult]], Callable[..., AgentResult]] = lambda f: f
+        self.paths: dict[str, str] = {}  # agent node id -> its name in calls.jsonl (callstore.agent_path)
 
     # -- shared limits
 
@@ -189,6 +191,8 @@ class RepoRun:
         if parent_id is not None and not self._reserve_slot():
             return self._refuse(task, parent_id)
         agent = self.tree.add_node("agent", task, parent_id)
+        with self._lock:  # the agent's stable name in calls.jsonl (node ids follow spawn order, which varies)
+            self.paths[agent] = agent_path(self.paths.get(parent_id or "", "") if parent_id else "agent", task)
         if parent_id is None and not self._reserve_slot():
             message = (f"[not started: the run's sandbox budget limits.max_sandboxes="
                        f"{self.limits.max_sandboxes} is spent]")
@@ -259,6 +263,10 @@ class Agent:
         return {"rlm_query": rlm_query, "rlm_query_batched": rlm_query_batched}
 
     def run(self) -> AgentResult:
+        with agent_scope(self.shared.paths[self.node_id]):
+            return self._run()
+
+    def _run(self) -> AgentResult:
         run, limits = self.shared, self.limits
         session = self.sandbox.open_repl()
         with run._lock:
@@ -332,7 +340,8 @@ class Agent:
                                reasoning=plan.reasoning or None, quirks=plan.quirks or None,
                                stdout="".join(stdout), stderr="".join(stderr) or None,
                                error="\n".join(errors) or None, duration_s=round(time.perf_counter() - started, 3),
-                               usage=Usage.from_completion(completion).as_tree())
+                               usage=Usage.from_completion(completion).as_tree(),
+                               **({"origin": completion.origin} if completion.origin != "live" else {}))
         run.tree.set_usage(Usage.from_snapshot(after).as_tree())
         run.progress.iteration(f"agent {self.node_id} (depth {self.depth})", index + 1, limits.max_iterations,
                                time.perf_counter() - started, after, "error" if errors else "ok")
@@ -434,6 +443,7 @@ class RepoEngine:
         tree.run.update(repo=params.repo, branch=params.branch, commit=commit)
         repo_run = RepoRun(run.cfg, tree, run.budget, run.progress, mirror, commit,
                            checkout.clone_url(params.repo, mirror))
+        repo_run.llm.calls = run.calls
         if run.wrap_agent is not None:
             repo_run.wrap_agent = run.wrap_agent
         try:

@@ -217,7 +217,8 @@ class TreeObserver:
                                 reasoning=_joined(_hidden(call.get("outputs")), step.get("reasoning", "")),
                                 code=step.get("code", ""), stdout=output, stderr=None,
                                 error=output if failed else None, duration_s=round(duration_s, 3),
-                                usage=delta.as_tree())
+                                usage=delta.as_tree(),
+                                **({"origin": call["origin"]} if call.get("origin", "live") != "live" else {}))
         self.progress.iteration(self.tree.run["task"], index + 1, self.max_iters, duration_s, usage,
                                 "error" if failed else "ok")
 
@@ -243,7 +244,8 @@ class TreeObserver:
     def after_call(self, messages: list[dict[str, Any]], answer: Optional[str], record: CallRecord) -> None:
         usage = Usage(record.prompt_tokens, record.completion_tokens, record.cost_usd, 1).as_tree()
         self.tree.add_llm_call(self.agent_id, _prompt(messages), answer, usage=usage, api=api_label(),
-                               model=record.model, error=None if record.ok else record.error or "failed")
+                               model=record.model, error=None if record.ok else record.error or "failed",
+                               **({"origin": record.origin} if record.origin != "live" else {}))
 
     def fan_out(self, total: int) -> Any:
         return self.progress.fan_out(f"llm_query_batched x {total}", total)

@@ -21,8 +21,8 @@ __all__ = ["CallRecord", "Completion", "LLMClient", "MissingKeyError", "ModelErr
 
 
 def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
-                  deadline: Optional[float] = None, hook: Any = None) -> Any:
+                  deadline: Optional[float] = None, hook: Any = None, calls: Any = None) -> Any:
     """See `rlm_pipelines.models.dspy_lm.build_dspy_lm` (a wrapper, so dspy is imported only when asked for)."""
     from rlm_pipelines.models.dspy_lm import build_dspy_lm as build
 
-    return build(spec, ledger, role, deadline, hook)
+    return build(spec, ledger, role, deadline, hook, calls)

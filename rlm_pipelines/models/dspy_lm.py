@@ -25,6 +25,7 @@ from rlm_pipelines.budget import BudgetExceeded
 from rlm_pipelines.config import ModelSpec
 from rlm_pipelines.models.litellm_client import (ModelError, call_timeout, litellm_kwargs, register_prices,
                                                  warn_unpriced, with_retries, with_retries_async)
+from rlm_pipelines.models.callstore import Answer, Calls, cache_on, request_of
 from rlm_pipelines.models.usage import CallRecord, UsageLedger
 from rlm_pipelines.text import safe_data
 
@@ -46,14 +47,15 @@ class CallHook(Protocol):
 
 
 def build_dspy_lm(spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
-                  deadline: Optional[float] = None, hook: Optional[CallHook] = None) -> "RecordingLM":
+                  deadline: Optional[float] = None, hook: Optional[CallHook] = None,
+                  calls: Optional[Calls] = None) -> "RecordingLM":
     """A `dspy.LM` for `spec` that records every call into `ledger` (see `RecordingLM`), with the scripted
     provider installed and the model's prices registered."""
     from rlm_pipelines.models import scripted
 
     scripted.install()
     register_prices(spec)
-    return RecordingLM(spec, ledger, role, deadline, hook)
+    return RecordingLM(spec, ledger, role, deadline, hook, calls)
 
 
 class RecordingLM(dspy.LM):
@@ -72,26 +74,55 @@ class RecordingLM(dspy.LM):
     so copies made for sub-agents share it, the ledger and the deadline."""
 
     def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "",
-                 deadline: Optional[float] = None, hook: Optional[CallHook] = None):
+                 deadline: Optional[float] = None, hook: Optional[CallHook] = None, calls: Optional[Calls] = None):
         kwargs = litellm_kwargs(spec)
         super().__init__(spec.model, engine="litellm", cache=False, num_retries=0,
                          temperature=kwargs.pop("temperature"), max_tokens=kwargs.pop("max_tokens"), **kwargs)
         self.spec, self.ledger, self.role, self.deadline, self.hook = spec, ledger, role, deadline, hook
+        self.calls = calls
         self._last = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().__call__
         with self._recording(args, kwargs) as call:
-            result, call.attempts = with_retries(lambda: call_dspy(*args, **self._bounded(kwargs)), self.spec,
-                                                 self.deadline)
-        return safe_data(result)  # a lone surrogate in a reply must not break the records or the REPL
+            pending, answer = self._calls().begin(self._request(args, kwargs), self.role, cache_on(self.spec))
+            if answer is None:
+                try:
+                    result, call.attempts = with_retries(lambda: call_dspy(*args, **self._bounded(kwargs)),
+                                                         self.spec, self.deadline)
+                except BaseException as exc:
+                    self._calls().failed(pending, exc)
+                    raise
+                answer = _live_answer(result)
+            self._calls().done(pending, answer)
+            _stored_entry(answer, args, kwargs)
+        return safe_data(answer.response["outputs"])  # a lone surrogate must not break the records or the REPL
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         call_dspy = super().acall
         with self._recording(args, kwargs) as call:
-            result, call.attempts = await with_retries_async(lambda: call_dspy(*args, **self._bounded(kwargs)),
-                                                             self.spec, self.deadline)
-        return safe_data(result)
+            pending, answer = self._calls().begin(self._request(args, kwargs), self.role, cache_on(self.spec))
+            if answer is None:
+                try:
+                    result, call.attempts = await with_retries_async(
+                        lambda: call_dspy(*args, **self._bounded(kwargs)), self.spec, self.deadline)
+                except BaseException as exc:
+                    self._calls().failed(pending, exc)
+                    raise
+                answer = _live_answer(result)
+            self._calls().done(pending, answer)
+            _stored_entry(answer, args, kwargs)
+        return safe_data(answer.response["outputs"])
+
+    def _calls(self) -> Calls:
+        if self.calls is None:
+            self.calls = Calls()  # no run: every call live, nothing written
+        return self.calls
+
+    def _request(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What the call's key is made of: the model, the messages, dspy's and this call's parameters."""
+        params = {k: v for k, v in {**self.kwargs, **kwargs}.items() if k not in ("messages", "prompt")}
+        return request_of(self.spec.model, _request(args, kwargs), params)
 
     def _bounded(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """This attempt's arguments, its timeout cut to the time left before the deadline."""
@@ -129,11 +160,12 @@ class RecordingLM(dspy.LM):
         self._last.entry = entry
         usage = entry.get("usage") or {}
         cost = entry.get("cost")
-        if cost is None:
+        if cost is None and entry.get("origin", "live") == "live":
             warn_unpriced(self.spec.model)
         record = CallRecord(self.spec.model, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
                             completion_tokens=usage.get("completion_tokens", 0) or 0, cost_usd=float(cost or 0.0),
-                            duration_s=time.perf_counter() - started, attempts=attempts, role=self.role)
+                            duration_s=time.perf_counter() - started, attempts=attempts, role=self.role,
+                            origin=entry.get("origin", "live"), saved_usd=entry.get("saved_usd", 0.0))
         if self.ledger is not None:
             self.ledger.add(record)
         return record
@@ -158,6 +190,24 @@ class RecordingLM(dspy.LM):
     def last_call(self) -> dict[str, Any]:
         """The calling thread's latest call: usage, cost, messages, outputs ({} before any)."""
         return getattr(self._last, "entry", None) or {}
+
+
+def _live_answer(result: Any) -> Answer:
+    """A live call's answer from its outputs and the usage dspy put in this call's history entry."""
+    box = _entry_box.get() or []
+    entry = box[-1] if box else {}
+    usage = entry.get("usage") or {}
+    return Answer({"outputs": safe_data(result)}, usage.get("prompt_tokens", 0) or 0,
+                  usage.get("completion_tokens", 0) or 0, float(entry.get("cost") or 0.0))
+
+
+def _stored_entry(answer: Answer, args: tuple, kwargs: dict[str, Any]) -> None:
+    """A stored answer stands in for dspy's history entry (dspy was not called)."""
+    box = _entry_box.get()
+    if box is not None and answer.origin != "live":
+        box.append({"usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens},
+                    "cost": answer.cost_usd, "messages": _request(args, kwargs),
+                    "outputs": answer.response["outputs"], "origin": answer.origin, "saved_usd": answer.saved_usd})
 
 
 def _request(args: tuple, kwargs: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,7 +38,14 @@ class MissingKeyError(ModelError):
 
 
 def check_key(spec: ModelSpec) -> None:
-    """Fail before anything starts when a key the model (or its sub-model) needs is not set."""
+    """Fail before anything starts when a key the model (or its sub-model) needs is not set. A replay needs
+    none, unless a call it lacks goes to the recorded run's live model (model.on_miss=live)."""
+    if spec.source:
+        if spec.on_miss != "live":
+            return
+        from rlm_pipelines.models.callstore import replay_spec
+
+        spec = replay_spec(spec)
     for each in (spec, sub_spec(spec)):
         if each.api_key_env and not os.environ.get(each.api_key_env):
             raise MissingKeyError(f"model {each.model!r} needs an API key: set the environment variable "
@@ -261,50 +268,82 @@ class Completion:
     attempts: int
     finish_reason: str = "stop"  # "length": cut at max_tokens (the engines do not run a cut reply)
     reasoning: str = ""  # the provider's reasoning field, if it sends one (recorded, never run)
+    origin: str = "live"  # live | cached | replayed (see models/callstore.py)
 
 
 class LLMClient:
     """Calls one model through litellm (with litellm's own retries off: ours classify errors and back off
-    with jitter), recording every call, failed or not, in the ledger."""
+    with jitter), recording every call, failed or not, in the ledger. `calls` (a `callstore.Calls`) is the
+    run's call path: calls.jsonl, replay, resume and the cache; None makes every call live, unrecorded."""
 
-    def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = ""):
+    def __init__(self, spec: ModelSpec, ledger: Optional[UsageLedger] = None, role: str = "", calls: Any = None):
         from rlm_pipelines.models import scripted
 
         scripted.install()
         self.spec = spec
         self.ledger = ledger if ledger is not None else UsageLedger()
         self.role = role
+        self.calls = calls
         register_prices(spec)
 
     def complete(self, messages: Union[str, list[dict[str, Any]]], deadline: Optional[float] = None,
                  **overrides: Any) -> Completion:
         """One chat completion. `overrides` go to litellm (e.g. timeout=); no retry starts after `deadline`."""
-        import litellm
+        from rlm_pipelines.models.callstore import Calls, cache_on, request_of
 
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         spec = self.spec
         started = time.perf_counter()
-
-        def once() -> Any:  # the key is read per attempt, so a rotated key is picked up
-            kwargs = {**litellm_kwargs(spec), "timeout": call_timeout(spec, deadline), **overrides}
-            return litellm.completion(model=spec.model, messages=messages, num_retries=0, **kwargs)
-
+        params = {"temperature": spec.temperature, "max_tokens": spec.max_tokens, "stop": list(spec.stop),
+                  "reasoning_effort": spec.reasoning_effort, **overrides}  # all that changes the answer
+        live = _LiveCall(self, messages, deadline, overrides)
         try:
-            response, attempts = with_retries(once, spec, deadline)
-        except Exception as exc:  # a ModelError, or the deadline's BudgetExceeded
+            answer = (self.calls or Calls()).call(request_of(spec.model, messages, params), live, self.role,
+                                                  cache_on(spec))
+        except Exception as exc:  # a ModelError, the deadline's BudgetExceeded, or a replay that diverged
             attempts = exc.attempts if isinstance(exc, ModelError) else 1
             self.ledger.add(CallRecord(spec.model, duration_s=time.perf_counter() - started, ok=False,
                                        error=str(exc), attempts=attempts, role=self.role))
             raise
-        usage = getattr(response, "usage", None)
-        record = CallRecord(spec.model, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                            cost_usd=completion_cost(response, spec.model),
-                            duration_s=time.perf_counter() - started, attempts=attempts, role=self.role)
+        record = CallRecord(spec.model, prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+                            cost_usd=answer.cost_usd, duration_s=time.perf_counter() - started,
+                            attempts=live.attempts, role=self.role, origin=answer.origin, saved_usd=answer.saved_usd)
         self.ledger.add(record)
+        reply = answer.response
+        return Completion(reply["text"], spec.model, record.prompt_tokens, record.completion_tokens,
+                          record.cost_usd, live.attempts, reply.get("finish_reason") or "stop",
+                          reply.get("reasoning", ""), answer.origin)
+
+
+class _LiveCall:
+    """One call made live (retries included); `attempts` says how many it took (1 when answered stored)."""
+
+    def __init__(self, client: LLMClient, messages: list[dict[str, Any]], deadline: Optional[float],
+                 overrides: dict[str, Any]):
+        self.client, self.messages, self.deadline, self.overrides = client, messages, deadline, overrides
+        self.attempts = 1
+
+    def __call__(self) -> Any:
+        import litellm
+
+        from rlm_pipelines.models.callstore import Answer
+
+        spec, deadline = self.client.spec, self.deadline
+
+        def once() -> Any:  # the key is read per attempt, so a rotated key is picked up
+            kwargs = {**litellm_kwargs(spec), "timeout": call_timeout(spec, deadline), **self.overrides}
+            return litellm.completion(model=spec.model, messages=self.messages, num_retries=0, **kwargs)
+
+        try:
+            response, self.attempts = with_retries(once, spec, deadline)
+        except ModelError as exc:
+            self.attempts = exc.attempts
+            raise
+        usage = getattr(response, "usage", None)
         choice = response.choices[0]
         text = safe_text(choice.message.content or "")  # lone surrogates cannot be recorded
         reasoning = safe_text(getattr(choice.message, "reasoning_content", None) or "")
-        return Completion(text, spec.model, record.prompt_tokens, record.completion_tokens,
-                          record.cost_usd, attempts, choice.finish_reason or "stop", reasoning)
+        return Answer({"text": text, "finish_reason": getattr(choice, "finish_reason", None), "reasoning": reasoning},
+                      getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
+                      completion_cost(response, spec.model))

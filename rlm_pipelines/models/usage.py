@@ -21,6 +21,8 @@ class CallRecord:
     error: str = ""
     attempts: int = 1
     role: str = ""  # "root" (the agent's own turns) or "sub" (llm_query)
+    origin: str = "live"  # live | cached (cost 0, `saved_usd` what it cost once) | replayed (recorded cost)
+    saved_usd: float = 0.0
     at: float = field(default_factory=time.time)
 
 
@@ -98,5 +100,8 @@ class UsageLedger:
             "completion_tokens": sum(r.completion_tokens for r in records),
             "tokens": sum(r.prompt_tokens + r.completion_tokens for r in records),
             "cost_usd": round(sum(r.cost_usd for r in records), 6),
+            "cached_calls": sum(r.origin == "cached" for r in records),
+            "replayed_calls": sum(r.origin == "replayed" for r in records),
+            "saved_usd": round(sum(r.saved_usd for r in records), 6),
             "by_model": by_model,
         }
