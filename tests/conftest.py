@@ -19,6 +19,13 @@ PROJECT = Path(__file__).resolve().parent.parent
 BOOK = PROJECT.parent / "shared" / "data" / "monte_cristo" / "1184-0.txt"
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path, monkeypatch):
+    """Each test its own cache dir: model calls at temperature 0 are cached there (issue 13), and tests that
+    send the same prompt to fake servers answering differently must not get each other's answers."""
+    monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "rlm-cache"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
