@@ -22,16 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from tests.fakes.cli_peak import CLI_WITH_PEAK  # noqa: E402
 from tests.fakes.openai_server import OpenAIServer  # noqa: E402
 from tests.fixtures.todo_repo import build  # noqa: E402
 
-CLI_WITH_PEAK = ("import atexit, runpy, sys\n"
-                 "def peak():\n"
-                 "    status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
-                 "    sys.stderr.write(f'PEAK_RSS_KB={int(status.split()[0])}\\n')\n"
-                 "atexit.register(peak)\n"
-                 "sys.argv = ['rlm_pipelines', *sys.argv[1:]]\n"
-                 "runpy.run_module('rlm_pipelines', run_name='__main__')\n")
 
 
 def main() -> None:

@@ -45,11 +45,6 @@ def big_repo(tmp_path_factory):
     return build_big_repo(tmp_path_factory.mktemp("big"))
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def audit(run_dir, repo, *overrides):
     summary, tree = run_scripted(run_dir, "task=repo_audit", f"task.repo={repo}", *overrides)
     assert "raised" not in summary, summary

@@ -13,17 +13,10 @@ from rlm_pipelines.config import LocalSandboxConfig
 from rlm_pipelines.sandbox import DownloadTooLarge, SandboxError, make_sandbox
 from rlm_pipelines.sandbox.local import LocalSandbox
 from tests.conftest import daytona_config, run_dir_of
+from tests.fakes.cli_peak import CLI_WITH_PEAK
 from tests.fakes.openai_server import OpenAIServer
 from tests.fixtures.todo_repo import build
 
-# Runs the CLI as a user does and prints its own peak RSS at exit (VmHWM: git children not counted).
-CLI_WITH_PEAK = ("import atexit, runpy, sys\n"
-                 "def peak():\n"
-                 "    status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
-                 "    sys.stderr.write(f'PEAK_RSS_KB={int(status.split()[0])}\\n')\n"
-                 "atexit.register(peak)\n"
-                 "sys.argv = ['rlm_pipelines', *sys.argv[1:]]\n"
-                 "runpy.run_module('rlm_pipelines', run_name='__main__')\n")
 
 # Swaps a FIFO in for the patch file as soon as it appears as a plain file (made inside the sandbox by
 # `git diff > ...`): a reader that opens it blocking waits forever.

@@ -17,11 +17,6 @@ def repo(tmp_path_factory):
     return build(tmp_path_factory.mktemp("repo"))
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def _turn(request):
     """Which iteration of the root agent this request is (1-based)."""
     last = request["messages"][-1]["content"]

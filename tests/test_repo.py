@@ -21,11 +21,6 @@ def repo(tmp_path_factory):
     return build(tmp_path_factory.mktemp("repo"))
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLM_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def run(tmp_path, *overrides):
     """A scripted repo run in-process: (summary, run.json, run folder)."""
     summary, tree = run_scripted(tmp_path / "run", *overrides)
