@@ -305,15 +305,16 @@ def hostile_run(run_dir):
 
     def iteration(index, children):
         return {"index": index, "prompt": p, "response": p, "reasoning": p, "code": p + "\nprint('x') # " + p,
-                "stdout": p, "stderr": p, "error": p, "duration_s": p, "usage": usage, "children": children}
+                "stdout": p, "stderr": p, "error": p, "duration_s": p, "usage": usage, "children": children,
+                "origin": p}
 
     call = {"id": p + "c1", "parent_id": p + "a0", "depth": p, "kind": "llm_call", "task": p, "status": p,
-            "result": p, "children": [], "iterations": []}
+            "result": p, "children": [], "iterations": [], "origin": p}
     child = agent("a1", p, [], [iteration(p, [])])
     root = agent("a0", 0, [child, call], [iteration(p, [p + "a1", p + "c1"]), iteration(1, [p])])
     run = {"schema": p, "id": p, "status": p, "task": p, "model": p, "model_name": p, "engine": p,
            "started_at": p, "ended_at": p, "duration_s": p, "usage": usage, "result": p, "error": p, "root": root,
-           "partial": {"note": p, "refused": {p: p}}}
+           "partial": {"note": p, "refused": {p: p}}, "replayed_from": p, "resumed_from": p}
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps(run))
     (run_dir / "summary.json").write_text(json.dumps({k: p for k in ("task", "model", "status", "error", "engine",
@@ -347,6 +348,9 @@ def test_hostile_run_data_never_becomes_markup(browser, tmp_path):
     assert page.eval_on_selector("img.plot", "i => i.naturalWidth") == 1
     assert PAYLOAD in page.locator("#agent h2").first.text_content()  # shown as text, not lost
     assert PAYLOAD in page.locator("#partial").text_content()
+    assert PAYLOAD in page.locator("#agent .origin").first.text_content()  # cached / replayed, as text
+    assert PAYLOAD in page.locator("#calls .origin").text_content()
+    assert page.locator("#stats .stat[title]").get_attribute("title") == PAYLOAD  # the recorded run, as text
     assert page.locator(".badge.unknown").count() == 2  # an unknown status gets no class of its own choosing
     assert errors == []
 

@@ -40,6 +40,9 @@ function block(label, text, cls = "", open = false, html = null) {
   return `<details class="text" ${open && !big ? "open" : ""}><summary>${esc(label)} (${String(text).length} chars)</summary>${body}</details>`;
 }
 
+// a model call answered from the cache (free) or from a recorded run (replay), not by the live model
+function origin(item) { return item.origin ? ` · <span class="origin">${esc(item.origin)}</span>` : ""; }
+
 function money(x) { return "$" + Number(x || 0).toFixed(4); }
 
 function stats(run) {
@@ -50,7 +53,12 @@ function stats(run) {
   const items = [["status", run.status], ["agents", agents.length], ["max depth", maxDepth], ["iterations", iterations],
     ["llm calls", u.llm_calls], ["tokens", (u.tokens || 0).toLocaleString()], ["dollars", money(u.cost_usd)],
     ["wall time", `${Number(run.duration_s || 0).toFixed(1)} s`], ["task", run.task], ["model", run.model]];
-  $("stats").innerHTML = items.map(([k, v]) => `<div class="stat"><b>${esc(v)}</b><span>${k}</span></div>`).join("");
+  const answered = Object.values(nodes).flatMap((n) => [n, ...list(n.iterations)]).filter((x) => x && x.origin);
+  if (answered.length) items.push(["calls cached or replayed", answered.length]);
+  const source = run.replayed_from ? ["replay", run.replayed_from] : run.resumed_from ? ["resumed", run.resumed_from] : null;
+  $("stats").innerHTML = items.map(([k, v]) => `<div class="stat"><b>${esc(v)}</b><span>${k}</span></div>`).join("")
+    // the recorded run's folder (a long path) in the tooltip, so the header stays one line
+    + (source ? `<div class="stat" title="${esc(source[1])}"><b>${source[0]}</b><span>of a recorded run</span></div>` : "");
 }
 
 function index(node) {
@@ -84,7 +92,7 @@ function showAgent(id) {
     const usage = it.usage || {};
     return `<div class="iteration" data-index="${esc(it.index)}">
       <div class="meta">iteration ${esc(Number(it.index) + 1)} · ${Number(it.duration_s || 0).toFixed(2)} s · ${esc(usage.tokens ?? 0)} tokens
-        ${calls ? ` · ${calls} llm calls` : ""}</div>
+        ${calls ? ` · ${calls} llm calls` : ""}${origin(it)}</div>
       ${kids ? `<div class="children">spawned: ${kids}</div>` : ""}
       ${block("prompt", it.prompt)}${block("response", it.response)}${block("reasoning", it.reasoning, "", true)}
       ${block("code", it.code, "code", true, highlightPython(String(it.code ?? "")))}
@@ -123,7 +131,7 @@ function llmCalls() {
   $("calls").innerHTML = `<h2>Model calls from the sandbox (${calls.length})</h2>` + calls.map((c) => {
     const u = (c.usage && c.usage.own) || {};
     return `<div class="iteration call"><div class="meta"><b>${esc(c.id)}</b> · <span class="api">${esc(c.api || "llm_query")}</span>
-      · ${esc(u.tokens ?? 0)} tokens · ${money(u.cost_usd)} · ${esc(c.status)}</div>
+      · ${esc(u.tokens ?? 0)} tokens · ${money(u.cost_usd)} · ${esc(c.status)}${origin(c)}</div>
       ${block(`${c.id} prompt`, c.task)}${block(`${c.id} answer`, c.result)}${block(`${c.id} error`, c.error, "err")}</div>`;
   }).join("");
 }
