@@ -135,6 +135,8 @@ class SubModelSpec:
     retry_base_s: Optional[float] = None
     input_cost_per_mtok: Optional[float] = None
     output_cost_per_mtok: Optional[float] = None
+    stop: Optional[list[str]] = None  # [] sends the sub-model no stop sequences
+    reasoning_effort: Optional[str] = None  # "" sends the sub-model none
 
 
 @dataclass

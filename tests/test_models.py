@@ -323,3 +323,22 @@ def test_usage_maps_the_ledger_and_a_completion_to_the_run_tree():
                                              "cost_usd": 0.2, "llm_calls": 1}  # 0.3 - 0.1, rounded
     one = Usage.from_completion(Completion("hi", "m", prompt_tokens=4, completion_tokens=1, cost_usd=0.5, attempts=2))
     assert one.as_tree() == {"prompt_tokens": 4, "completion_tokens": 1, "tokens": 5, "cost_usd": 0.5, "llm_calls": 1}
+
+
+def test_the_sub_model_can_drop_stop_sequences_and_reasoning_effort(server):
+    """A reasoning main model's settings are inherited by llm_query's model unless its `sub` unsets them
+    ([] and ""), e.g. for a cheap sub-model that rejects reasoning_effort."""
+    from dataclasses import replace
+
+    from rlm_pipelines.models.litellm_client import sub_spec
+
+    spec = replace(spec_for(server), stop=["</answer>"], reasoning_effort="high")
+    LLMClient(spec).complete("main")
+    sent = server.requests[-1]["body"]
+    assert sent["stop"] == ["</answer>"] and sent["reasoning_effort"] == "high"
+    LLMClient(sub_spec(replace(spec, sub=SubModelSpec(max_tokens=77)))).complete("sub inherits")
+    sent = server.requests[-1]["body"]
+    assert sent["stop"] == ["</answer>"] and sent["reasoning_effort"] == "high" and sent["max_tokens"] == 77
+    LLMClient(sub_spec(replace(spec, sub=SubModelSpec(stop=[], reasoning_effort="")))).complete("sub drops")
+    sent = server.requests[-1]["body"]
+    assert "stop" not in sent and "reasoning_effort" not in sent
