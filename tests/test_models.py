@@ -342,3 +342,29 @@ def test_the_sub_model_can_drop_stop_sequences_and_reasoning_effort(server):
     LLMClient(sub_spec(replace(spec, sub=SubModelSpec(stop=[], reasoning_effort="")))).complete("sub drops")
     sent = server.requests[-1]["body"]
     assert "stop" not in sent and "reasoning_effort" not in sent
+
+
+def test_dspy_lm_async_calls_go_through_the_call_store(server, tmp_path):
+    """acall records into calls.jsonl and the cache like a sync call; a second LM answers the same prompts
+    from the cache, free, with no request to the server."""
+    import json
+
+    from rlm_pipelines.models.callstore import Calls, DiskCache
+
+    spec = spec_for(server, model="openai/fake-model-store")
+    cache = DiskCache(tmp_path / "cache")
+
+    async def both(lm):
+        return await asyncio.gather(lm.acall("a" * 40), lm.acall("b" * 80))
+
+    first_ledger, second_ledger = UsageLedger(), UsageLedger()
+    first = asyncio.run(both(build_dspy_lm(spec, first_ledger, calls=Calls(tmp_path / "one.jsonl", cache=cache))))
+    sent = len(server.requests)
+    second = asyncio.run(both(build_dspy_lm(spec, second_ledger, calls=Calls(tmp_path / "two.jsonl", cache=cache))))
+    assert second == first and len(server.requests) == sent == 2
+    one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [e["origin"] for e in one] == ["live", "live"] and [e["origin"] for e in two] == ["cached", "cached"]
+    assert sorted(e["key"] for e in one) == sorted(e["key"] for e in two)
+    assert second_ledger.snapshot()["cached_calls"] == 2 and second_ledger.snapshot()["cost_usd"] == 0
+    assert second_ledger.snapshot()["saved_usd"] == pytest.approx(first_ledger.snapshot()["cost_usd"])
