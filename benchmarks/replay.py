@@ -8,7 +8,8 @@
 2. Replay wall time vs the original, with the fake OpenAI server answering after --latency-s: a document run
    (needles: 2 root turns, 4 sub calls, 3 of them in one batch) and a depth-2 repo run of
    1 + children + children * leaves agents (concurrent sub-agents), each recorded over real HTTP and replayed
-   with `model=replay` and the server stopped.
+   with `model=replay` and the server stopped; and the offline Monte Cristo run (4 root turns, 39 sub calls
+   in one batch) with its scripted policy served over HTTP, when the book is at --book.
 """
 
 from __future__ import annotations
@@ -84,7 +85,18 @@ def repo_reply(children: int, leaves: int):
     return reply
 
 
-def replay_times(latency: float, children: int, leaves: int) -> None:
+def monte_cristo_servers(latency: float) -> tuple:
+    """The Monte Cristo task's scripted policy served over HTTP: root turns and sub calls on one server."""
+    from rlm_pipelines.models import scripted
+    from rlm_tasks.monte_cristo import task as monte_cristo
+
+    scripted.register_script("bench", monte_cristo.script(monte_cristo.params()))
+    return (OpenAIServer(reply=lambda request: scripted.reply(
+        "scripted/bench.sub" if request["model"] == "bench-sub" else "scripted/bench", request["messages"]),
+        latency_s=latency),)
+
+
+def replay_times(latency: float, children: int, leaves: int, book: Path) -> None:
     from tests.fixtures.todo_repo import build
 
     with tempfile.TemporaryDirectory(prefix="rlm-replay-bench-") as tmp:
@@ -99,6 +111,9 @@ def replay_times(latency: float, children: int, leaves: int) -> None:
                                         f"limits.max_sandboxes={agents + 5}"],
                                        lambda: (OpenAIServer(reply=repo_reply(children, leaves), latency_s=latency),)),
         }
+        if book.exists():
+            cases["document (Monte Cristo)"] = (["task=monte_cristo", f"task.source={book}"],
+                                                lambda: monte_cristo_servers(latency))
         for name, (task, servers) in cases.items():
             out, back = tmp / f"{len(name)}-original", tmp / f"{len(name)}-replay"
             out.mkdir(), back.mkdir()
@@ -106,6 +121,8 @@ def replay_times(latency: float, children: int, leaves: int) -> None:
             model = ["model=local", f"model.api_base={started[0].url}", "model.cache=false"]
             if len(started) > 1:
                 model += ["model.model=openai/root", "model.sub.model=openai/sub", f"model.sub.api_base={started[1].url}"]
+            elif "Monte Cristo" in name:
+                model += ["model.model=openai/bench-root", "model.sub.model=openai/bench-sub"]
             try:
                 original = _cli([*task, *model, "orchestration.prefect=false"], out, env)
             finally:
@@ -126,9 +143,11 @@ def main() -> None:
     parser.add_argument("--latency-s", type=float, default=1.0)
     parser.add_argument("--children", type=int, default=3)
     parser.add_argument("--leaves", type=int, default=12)
+    parser.add_argument("--book", type=Path,
+                        default=Path(__file__).resolve().parent.parent.parent / "shared/data/monte_cristo/1184-0.txt")
     options = parser.parse_args()
     lookup_overhead(options.entries)
-    replay_times(options.latency_s, options.children, options.leaves)
+    replay_times(options.latency_s, options.children, options.leaves, options.book)
 
 
 if __name__ == "__main__":
