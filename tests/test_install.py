@@ -92,7 +92,8 @@ def test_the_installed_package_is_not_the_checkout(venv, tmp_path):
 def test_help_from_another_folder_lists_every_group(venv, tmp_path):
     done = run(venv, ["-m", "rlm_pipelines", "--help"], tmp_path)
     assert done.returncode == 0, done.stderr
-    for line in ("engine: document, repo", "model: claude_sonnet, gemini_flash, gpt_mini, local, scripted",
+    models = sorted(p.stem for p in (PROJECT / "conf" / "model").glob("*.yaml"))
+    for line in ("engine: document, repo", f"model: {', '.join(models)}",
                  "task: doc_qa, monte_cristo, needles, repo_audit, repo_todos"):
         assert line in done.stdout
 

@@ -94,7 +94,7 @@ def test_a_sandbox_that_cannot_start_is_retried_then_recorded(tmp_path, capsys):
         raise AssertionError("the run should fail")
     except Exception as exc:
         assert "cannot start the sandbox" in str(exc)
-    assert "retrying the engine step" in capsys.readouterr().err
+    assert "retrying the engine step" in " ".join(capsys.readouterr().err.split())  # the console wraps lines
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "error"
     assert "cannot start the sandbox" in run["error"]
