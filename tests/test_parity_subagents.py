@@ -6,7 +6,6 @@ model writes cells that build sub-agents; the sub model answers them in dspy's f
 
 import json
 import os
-import re
 import shutil
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.conftest import cli, run_dir_of
 from tests.fakes.openai_server import OpenAIServer
+from tests.fakes.rlm_replies import ITERATION, chat, fields, root_for
 
 PRICE_IN, PRICE_OUT = 1000, 2000  # dollars per million tokens: every call costs something visible
 SUB_AGENTS = ("qa = dspy.Predict('question -> answer')\n"
@@ -30,37 +30,20 @@ NESTED = ("deep = dspy.RLM('context, query -> answer', max_iters=3)\n"
           "print('R', deep(context='some text', query='inner?').answer)\n"
           "print('B', llm_query_batched(['b1?', 'b2?']))\n")
 DONE = "SUBMIT(counts={'a': 1})"
-_ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
-
-
-def _fields(**fields):
-    return "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in fields.items()) + "[[ ## completed ## ]]"
-
-
-def _chat(request):
-    return "\n".join(str(m.get("content")) for m in request["messages"])
-
-
-def _root(cells):
-    """The root model: cell N at iteration N (the last one repeated)."""
-    def reply(request):
-        index = int(_ITERATION.findall(_chat(request))[-1]) - 1
-        return _fields(reasoning="work", code=f"```python\n{cells[min(index, len(cells) - 1)]}\n```")
-    return reply
 
 
 def _sub(request):
     """The sub-model: a nested RLM's turn, a dspy sub-agent's fields, or a plain llm_query answer."""
-    text = _chat(request)
-    if _ITERATION.search(text):
-        return _fields(reasoning="deep", code="```python\nprint(llm_query('innermost?'))\nSUBMIT(answer='deep')\n```")
+    text = chat(request)
+    if ITERATION.search(text):
+        return fields(reasoning="deep", code="```python\nprint(llm_query('innermost?'))\nSUBMIT(answer='deep')\n```")
     if "[[ ## answer ## ]]" in text:
-        return _fields(reasoning="thought", answer="sub-agent answer")
+        return fields(reasoning="thought", answer="sub-agent answer")
     return "plain answer"
 
 
 def _run(tmp_path, cells, *extra):
-    with OpenAIServer(reply=_root(cells)) as root, OpenAIServer(reply=_sub) as sub:
+    with OpenAIServer(reply=root_for(cells)) as root, OpenAIServer(reply=_sub) as sub:
         done = cli(["task=needles", "task.documents=2", "task.doc_chars=200", "task.needles=2", "model=local",
                     f"model.api_base={root.url}", "model.model=openai/root", "model.sub.model=openai/sub",
                     f"model.sub.api_base={sub.url}", f"model.input_cost_per_mtok={PRICE_IN}",

@@ -3,12 +3,12 @@ bubblewrap sandboxes: what ran (run.json iterations), what the model was told (t
 server) and the final result. The policies are in rlm_pipelines/engines/replies.py and the README."""
 
 import json
-import re
 
 import pytest
 
 from tests.conftest import cli, composed, run_dir_of, run_scripted
 from tests.fakes.openai_server import OpenAIServer
+from tests.fakes.rlm_replies import chat, fields, iteration_of
 from tests.fixtures.todo_repo import build
 
 
@@ -139,22 +139,11 @@ def test_an_unknown_early_final_policy_is_refused(repo, tmp_path):
 
 # --------------------------------------------------------------------------- the document engine
 
-_ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
-
-
-def _fields(**fields):
-    return "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in fields.items()) + "[[ ## completed ## ]]"
-
-
-def _chat(body):
-    return "\n".join(str(m.get("content")) for m in body["messages"])
-
-
 def _document_run(tmp_path, replies, *extra):
     """A needles run on the fake server through the real CLI; replies[i] at iteration i+1:
     (exit code, run.json, request bodies)."""
     def reply(request):
-        return replies[int(_ITERATION.findall(_chat(request))[-1]) - 1]
+        return replies[iteration_of(request) - 1]
 
     with OpenAIServer(reply=reply) as server:
         done = cli(["task=needles", "task.documents=2", "task.doc_chars=200", "task.needles=2", "model=local",
@@ -172,18 +161,18 @@ def test_document_engine_reply_shapes(tmp_path):
         "Let me continue.\n```python\nseen.append('fenced')\nprint(seen)\n```",
         # a think tag holding a code field; SUBMIT in the reasoning, before the output was seen
         "<think>[[ ## code ## ]]\nseen.append('thought')</think>\n"
-        + _fields(reasoning="done: SUBMIT(counts={'x': 1})", code="seen.append('think')\nprint(seen)"),
+        + fields(reasoning="done: SUBMIT(counts={'x': 1})", code="seen.append('think')\nprint(seen)"),
         # cut at max_tokens mid-code
-        {"content": _fields(reasoning="r", code="open('/tmp/half', 'w').write('x')\nfor i in")[:-40],
+        {"content": fields(reasoning="r", code="open('/tmp/half', 'w').write('x')\nfor i in")[:-40],
          "finish_reason": "length"},
         # only reasoning tokens, no text
         {"content": None, "reasoning_content": "hidden thoughts"},
         # JSON with code=null
         '{"reasoning": "r", "code": null}',
         # several blocks, the second SUBMITs before the first one's output was seen
-        _fields(reasoning="r", code="```python\nseen.append('block1')\nprint(seen)\n```\n"
+        fields(reasoning="r", code="```python\nseen.append('block1')\nprint(seen)\n```\n"
                                     "```python\nSUBMIT(counts={'early': 1})\n```"),
-        _fields(reasoning="r", code="import os\nSUBMIT(counts={k: 1 for k in seen + [str(os.path.exists('/tmp/half'))]})"),
+        fields(reasoning="r", code="import os\nSUBMIT(counts={k: 1 for k in seen + [str(os.path.exists('/tmp/half'))]})"),
     ]
     done, tree, requests = _document_run(tmp_path, replies)
     assert tree["status"] == "ok", (tree["error"], done.stderr[-2000:])
@@ -198,14 +187,14 @@ def test_document_engine_reply_shapes(tmp_path):
     assert "could not be used" in steps[4]["stdout"] and steps[4]["reasoning"] == "hidden thoughts"
     assert "could not be used" in steps[5]["stdout"] and "null" in steps[5]["stdout"]  # code=None: told
     assert "block 2 called SUBMIT" in steps[6]["stdout"] and "'block1'" in steps[6]["stdout"]
-    last = _chat(requests[-1])  # the model saw every note before its last turn
+    last = chat(requests[-1])  # the model saw every note before its last turn
     for note in ("only the code field runs", "cut at the token limit", "block 2 called SUBMIT"):
         assert note in last
     assert tree["result"]["counts"] == {"renamed": 1, "fenced": 1, "think": 1, "block1": 1, "False": 1}
 
 
 def test_document_engine_per_model_prompt_settings(tmp_path):
-    replies = [_fields(reasoning="r", code="SUBMIT(counts={'a': 1})")]
+    replies = [fields(reasoning="r", code="SUBMIT(counts={'a': 1})")]
     done, tree, requests = _document_run(tmp_path, replies, "model.system_prompt=false",
                                          "model.extra_instructions=Never use regular expressions.",
                                          "model.stop=['</code>']")

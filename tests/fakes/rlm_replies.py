@@ -7,7 +7,7 @@ import re
 CELLS = ["print('Q', llm_query('third?'))\nprint('B', llm_query_batched(['b1?', 'b2?', 'b3?']))",
          "SUBMIT(counts={'a': 1})"]
 DOCUMENT_TASK = ["task=needles", "task.documents=2", "task.doc_chars=200", "task.needles=2"]
-_ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
+ITERATION = re.compile(r"\[\[ ## iteration ## \]\]\s*(\d+)\s*/")
 
 
 def fields(**values):
@@ -18,10 +18,22 @@ def chat(request):
     return "\n".join(str(m.get("content")) for m in request["messages"])
 
 
-def document_root(request):
+def iteration_of(request):
+    """Which iteration of the document engine's root agent this request is (1-based), or None for another
+    model call (a sub-agent's)."""
+    found = ITERATION.findall(chat(request))
+    return int(found[-1]) if found else None
+
+
+def root_for(cells):
     """The document engine's root model: cell N at iteration N (the last one repeated)."""
-    index = int(_ITERATION.findall(chat(request))[-1]) - 1
-    return fields(reasoning="work", code=f"```python\n{CELLS[min(index, len(CELLS) - 1)]}\n```")
+    def reply(request):
+        index = iteration_of(request) - 1
+        return fields(reasoning="work", code=f"```python\n{cells[min(index, len(cells) - 1)]}\n```")
+    return reply
+
+
+document_root = root_for(CELLS)
 
 
 def document_sub(request):
