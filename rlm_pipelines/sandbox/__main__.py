@@ -11,7 +11,9 @@ With --local it removes local sandbox folders whose owner process is gone (see s
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 
@@ -40,22 +42,28 @@ def cleanup_local(args: argparse.Namespace) -> int:
     """Remove local sandbox folders a killed run left (its owner process is gone)."""
     from rlm_pipelines.sandbox.owner import orphans, remove
 
-    found = removed = 0
-    for base in args.root or [None]:
-        for folder, owner in orphans(base):
-            found += 1
-            what = f"{folder}  (owner pid {owner.get('pid')}, gone)"
-            if args.dry_run:
-                print(f"would remove {what}")
-                continue
-            try:
-                remove(folder)
-                removed += 1
-                print(f"removed {what}")
-            except OSError as exc:
-                print(f"could not remove {what}: {exc}", file=sys.stderr)
-    print(f"{found} local sandbox folder(s) left by runs that are gone; {removed} removed", file=sys.stderr)
-    return 0 if removed == found or args.dry_run else 1
+    found = [(f"{folder}  (owner pid {owner.get('pid')}, gone)", functools.partial(remove, folder))
+             for base in args.root or [None] for folder, owner in orphans(base)]
+    removed = _remove_each(found, "remove", "removed", args.dry_run, OSError)
+    print(f"{len(found)} local sandbox folder(s) left by runs that are gone; {removed} removed", file=sys.stderr)
+    return 0 if removed == len(found) or args.dry_run else 1
+
+
+def _remove_each(found: list[tuple[str, Callable[[], object]]], verb: str, done: str, dry_run: bool,
+                 errors: type[BaseException]) -> int:
+    """Run each (description, remove) pair, saying what happened to each; how many were removed."""
+    removed = 0
+    for what, remove in found:
+        if dry_run:
+            print(f"would {verb} {what}")
+            continue
+        try:
+            remove()
+            removed += 1
+            print(f"{done} {what}")
+        except errors as exc:
+            print(f"could not {verb} {what}: {exc}", file=sys.stderr)
+    return removed
 
 
 def cleanup(args: argparse.Namespace) -> int:
@@ -83,25 +91,17 @@ def cleanup(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     cutoff = datetime.now(timezone.utc) - timedelta(minutes=args.older_than)
-    found = deleted = 0
+    found = []
     for sandbox in matching:
         created = _when(getattr(sandbox, "created_at", None))
         if args.older_than and created is not None and created > cutoff:
             continue
-        found += 1
         what = (f"{sandbox.id}  run={sandbox.labels.get('rlm-run', '?')} task={sandbox.labels.get('rlm-task', '?')} "
                 f"agent={sandbox.labels.get('rlm-agent', '?')} state={getattr(sandbox, 'state', '?')}")
-        if args.dry_run:
-            print(f"would delete {what}")
-            continue
-        try:
-            sandbox.delete(timeout=60)
-            deleted += 1
-            print(f"deleted {what}")
-        except Exception as exc:
-            print(f"could not delete {what}: {exc}", file=sys.stderr)
-    print(f"{found} sandbox(es) matched {labels}; {deleted} deleted", file=sys.stderr)
-    return 0 if deleted == found or args.dry_run else 1
+        found.append((what, functools.partial(sandbox.delete, timeout=60)))
+    deleted = _remove_each(found, "delete", "deleted", args.dry_run, Exception)
+    print(f"{len(found)} sandbox(es) matched {labels}; {deleted} deleted", file=sys.stderr)
+    return 0 if deleted == len(found) or args.dry_run else 1
 
 
 def _when(value: object) -> "datetime | None":

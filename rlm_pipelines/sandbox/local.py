@@ -438,12 +438,17 @@ class LocalSandbox(BaseSandbox):
 
     def _inside_parts(self, path: str) -> tuple[Path, list[str]]:
         """The host folder of the mount `path` (inside) is in, and the names below it (no `..`)."""
+        inside, host, full = self._mount_of(path)
+        rest = os.path.relpath(full, inside)
+        return host, [] if rest == "." else rest.split("/")
+
+    def _mount_of(self, path: str) -> tuple[str, Path, str]:
+        """(the writable mount `path` (inside) is under, its host folder, the normalised inside path)."""
         root = self._require_root()
         full = os.path.normpath(path if os.path.isabs(path) else os.path.join(self.workdir, path))
         for inside, host in ((self.workdir, root / "workspace"), (self._tmpdir(), root / "tmp")):
             if full == inside or full.startswith(inside + "/"):
-                rest = os.path.relpath(full, inside)
-                return host, [] if rest == "." else rest.split("/")
+                return inside, host, full
         raise SandboxError(f"path {path!r} is outside the sandbox's {self.workdir} and {self._tmpdir()}")
 
     def download(self, path: str, max_bytes: Optional[int] = None, deadline: Optional[float] = None) -> bytes:
@@ -477,15 +482,10 @@ class LocalSandbox(BaseSandbox):
 
     def _host_path(self, path: str) -> Path:
         """Map a sandbox path to the host, refusing anything (symlinks included) that leaves the sandbox."""
-        root = self._require_root()
-        mounts = {self.workdir: root / "workspace", self._tmpdir(): root / "tmp"}
-        full = path if os.path.isabs(path) else os.path.join(self.workdir, path)
-        full = os.path.normpath(full)
-        for inside, host in mounts.items():
-            if full == inside or full.startswith(inside + "/"):
-                target = (host / os.path.relpath(full, inside)).resolve()
-                if target == host.resolve() or host.resolve() in target.parents:
-                    return target
+        inside, host, full = self._mount_of(path)
+        target = (host / os.path.relpath(full, inside)).resolve()
+        if target == host.resolve() or host.resolve() in target.parents:
+            return target
         raise SandboxError(f"path {path!r} is outside the sandbox's {self.workdir} and {self._tmpdir()}")
 
     def _require_root(self) -> Path:
